@@ -1,0 +1,35 @@
+"""Artifact stores: immutable, content-hashed objects on a local folder, S3 or in memory.
+
+Importing this package does not import boto3; the S3 store imports it when it first
+talks to S3.
+"""
+
+from __future__ import annotations
+
+from stores.artifacts.base import (
+    ArtifactStore,
+    ArtifactWriter,
+    StoredObject,
+    artifact_store_from_uri,
+)
+from stores.artifacts.local import LocalArtifactStore
+from stores.artifacts.memory import MemoryArtifactStore
+from stores.artifacts.s3 import S3ArtifactStore
+from stores.errors import (
+    ArtifactNotFoundError,
+    ArtifactStoreCredentialsError,
+    ArtifactStoreError,
+)
+
+__all__ = [
+    "ArtifactNotFoundError",
+    "ArtifactStore",
+    "ArtifactStoreCredentialsError",
+    "ArtifactStoreError",
+    "ArtifactWriter",
+    "LocalArtifactStore",
+    "MemoryArtifactStore",
+    "S3ArtifactStore",
+    "StoredObject",
+    "artifact_store_from_uri",
+]

@@ -1,0 +1,158 @@
+"""SQL schema of the metadata store (SQLAlchemy 2 declarative models).
+
+Timestamps are UTC epoch seconds (``float``): lease arithmetic stays exact and
+identical on SQLite and PostgreSQL. JSON columns hold small documents only;
+step code lives once per hash in ``code_blobs``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ID = String(36)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class PipelineRow(Base):
+    __tablename__ = "pipelines"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    pipeline_id: Mapped[str] = mapped_column(ForeignKey("pipelines.id"), index=True)
+    pipeline_name: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    spec: Mapped[str] = mapped_column(Text)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    environment: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    user: Mapped[str] = mapped_column(String(255), default="")
+    orchestrator: Mapped[str] = mapped_column(String(32), default="local")
+    steps_total: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    message: Mapped[str] = mapped_column(Text, default="")
+
+
+class CodeBlobRow(Base):
+    __tablename__ = "code_blobs"
+
+    code_hash: Mapped[str] = mapped_column(String(80), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    source: Mapped[str] = mapped_column(Text, default="")
+    pickled: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class StepRunRow(Base):
+    __tablename__ = "step_runs"
+    __table_args__ = (
+        UniqueConstraint("run_id", "invocation_id", name="uq_step_runs_run_invocation"),
+        Index("ix_step_runs_run_status", "run_id", "status"),
+        Index("ix_step_runs_status_lease", "status", "lease_expires_at"),
+        Index("ix_step_runs_cache_key", "cache_key", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    invocation_id: Mapped[str] = mapped_column(String(255))
+    step_name: Mapped[str] = mapped_column(String(255))
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16))
+    queue: Mapped[str] = mapped_column(String(64), default="cpu")
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=1)
+    deps_left: Mapped[int] = mapped_column(Integer, default=0)
+    code_hash: Mapped[str] = mapped_column(String(80))
+    source_hash: Mapped[str] = mapped_column(String(80))
+    task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    worker_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    queued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cache_key: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    cache_ingredients: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    cached_from_run_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    cached_from_step_run_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    logs: Mapped[str] = mapped_column(Text, default="")
+    exception: Mapped[str] = mapped_column(Text, default="")
+    traceback: Mapped[str] = mapped_column(Text, default="")
+    step_metadata: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ArtifactRow(Base):
+    __tablename__ = "artifacts"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    uri: Mapped[str] = mapped_column(Text)
+    data_type: Mapped[str] = mapped_column(String(512))
+    materializer: Mapped[str] = mapped_column(String(512))
+    content_hash: Mapped[str] = mapped_column(String(80), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    artifact_metadata: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    producer_run_id: Mapped[str] = mapped_column(String(36), index=True)
+    producer_step_run_id: Mapped[str] = mapped_column(String(36), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class LineageRow(Base):
+    """One edge: a step run consumed (``input``) or produced (``output``) an artifact.
+
+    A cached step run has output edges to the original run's artifacts: no copies.
+    """
+
+    __tablename__ = "lineage"
+
+    step_run_id: Mapped[str] = mapped_column(
+        ForeignKey("step_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    direction: Mapped[str] = mapped_column(String(8), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, default=0)
+    artifact_id: Mapped[str] = mapped_column(ForeignKey("artifacts.id"), index=True)
+    run_id: Mapped[str] = mapped_column(String(36), index=True)
+
+
+class WorkerRow(Base):
+    """A live worker process and the queues it consumes, refreshed by a heartbeat.
+
+    Lets ``wait()`` and the scheduler tell a user that a queue has no consumer
+    without a broadcast to every worker.
+    """
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queues: Mapped[list[str]] = mapped_column(JSON, default=list)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float, index=True)
+    stopped: Mapped[bool] = mapped_column(Boolean, default=False)

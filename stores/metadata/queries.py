@@ -1,0 +1,444 @@
+"""Statements on runs, step runs, artifacts and lineage, each inside a caller's session.
+
+The caller (scheduler, worker, client) owns the transaction, so a step's whole
+bookkeeping (status, artifacts, lineage, downstream readiness) commits at once.
+Every status change is a guarded ``UPDATE ... WHERE status = <expected>``: when
+two processes race, exactly one sees a row count of 1.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from stores.errors import NotFoundError
+from stores.metadata.models import (
+    ArtifactRow,
+    CodeBlobRow,
+    LineageRow,
+    PipelineRow,
+    RunRow,
+    StepRunRow,
+    WorkerRow,
+)
+from stores.metadata.states import UNSTARTED, RunStatus, StepStatus
+
+INPUT = "input"
+OUTPUT = "output"
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+# -- pipelines, code, runs ------------------------------------------------------------------
+
+
+def ensure_pipeline(s: Session, name: str, now: float) -> str:
+    """Id of the pipeline called ``name``, created if new."""
+    pid = s.execute(select(PipelineRow.id).where(PipelineRow.name == name)).scalar()
+    if pid is not None:
+        return pid
+    pid = new_id()
+    s.execute(insert(PipelineRow).values(id=pid, name=name, created_at=now))
+    return pid
+
+
+def put_code_blobs(s: Session, blobs: Sequence[dict[str, Any]], now: float) -> None:
+    """Store step code blobs that are not stored yet (keyed by their content hash)."""
+    if not blobs:
+        return
+    hashes = [b["code_hash"] for b in blobs]
+    have = set(s.execute(select(CodeBlobRow.code_hash).where(CodeBlobRow.code_hash.in_(hashes))).scalars())
+    missing = [dict(b, created_at=now) for b in blobs if b["code_hash"] not in have]
+    if missing:
+        s.execute(insert(CodeBlobRow), missing)
+
+
+def get_code_blob(s: Session, code_hash: str) -> CodeBlobRow:
+    row = s.get(CodeBlobRow, code_hash)
+    if row is None:
+        raise NotFoundError(f"step code {code_hash} is not in the metadata store")
+    return row
+
+
+def create_run(s: Session, *, run: dict[str, Any], steps: Sequence[dict[str, Any]]) -> None:
+    """Insert a run and all its step rows (status ``pending``) in the caller's transaction."""
+    s.execute(insert(RunRow).values(**run))
+    if steps:
+        s.execute(insert(StepRunRow), [dict(st, run_id=run["id"]) for st in steps])
+
+
+def get_run(s: Session, run_id: str) -> RunRow:
+    row = s.get(RunRow, run_id)
+    if row is None:
+        raise NotFoundError(f"no run with id {run_id!r}; list runs with `zw runs`")
+    return row
+
+
+def get_pipeline(s: Session, name: str) -> PipelineRow:
+    row = s.execute(select(PipelineRow).where(PipelineRow.name == name)).scalar()
+    if row is None:
+        raise NotFoundError(f"no pipeline named {name!r} has run on this metadata store")
+    return row
+
+
+def list_pipelines(s: Session) -> list[PipelineRow]:
+    return list(s.execute(select(PipelineRow).order_by(PipelineRow.name)).scalars())
+
+
+def list_runs(s: Session, *, pipeline: str | None = None, limit: int = 50) -> list[RunRow]:
+    q = select(RunRow).order_by(RunRow.created_at.desc()).limit(limit)
+    if pipeline is not None:
+        q = q.where(RunRow.pipeline_name == pipeline)
+    return list(s.execute(q).scalars())
+
+
+def set_run_status(
+    s: Session, run_id: str, status: RunStatus, *, now: float, message: str | None = None
+) -> bool:
+    """Move a running run to ``status``; False when it had already ended."""
+    values: dict[str, Any] = {"status": status.value}
+    if status.is_terminal():
+        values["ended_at"] = now
+    if message is not None:
+        values["message"] = message
+    res = s.execute(
+        update(RunRow)
+        .where(RunRow.id == run_id, RunRow.status == RunStatus.RUNNING.value)
+        .values(**values)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def set_run_message(s: Session, run_id: str, message: str) -> None:
+    s.execute(update(RunRow).where(RunRow.id == run_id).values(message=message))
+
+
+def running_runs(s: Session) -> list[RunRow]:
+    return list(s.execute(select(RunRow).where(RunRow.status == RunStatus.RUNNING.value)).scalars())
+
+
+# -- step runs ------------------------------------------------------------------------------
+
+
+def step_runs(s: Session, run_id: str, invocation_ids: Iterable[str] | None = None) -> list[StepRunRow]:
+    q = select(StepRunRow).where(StepRunRow.run_id == run_id).order_by(StepRunRow.position)
+    if invocation_ids is not None:
+        q = q.where(StepRunRow.invocation_id.in_(list(invocation_ids)))
+    return list(s.execute(q).scalars())
+
+
+def get_step_run(s: Session, step_run_id: str) -> StepRunRow:
+    row = s.get(StepRunRow, step_run_id)
+    if row is None:
+        raise NotFoundError(f"no step run with id {step_run_id!r}")
+    return row
+
+
+def status_counts(s: Session, run_id: str) -> dict[str, int]:
+    rows = s.execute(
+        select(StepRunRow.status, func.count()).where(StepRunRow.run_id == run_id).group_by(StepRunRow.status)
+    )
+    return {status: n for status, n in rows}
+
+
+def decrement_deps(s: Session, run_id: str, invocation_ids: Sequence[str]) -> list[str]:
+    """Count one finished upstream for each of ``invocation_ids``; return those now unblocked.
+
+    Row locks serialise concurrent finishers, so exactly one of them sees a
+    step reach zero and is the one to move it on (see :func:`mark_ready`).
+    """
+    if not invocation_ids:
+        return []
+    s.execute(
+        update(StepRunRow)
+        .where(StepRunRow.run_id == run_id, StepRunRow.invocation_id.in_(invocation_ids))
+        .values(deps_left=StepRunRow.deps_left - 1)
+    )
+    return list(
+        s.execute(
+            select(StepRunRow.invocation_id).where(
+                StepRunRow.run_id == run_id,
+                StepRunRow.invocation_id.in_(invocation_ids),
+                StepRunRow.deps_left == 0,
+                StepRunRow.status == StepStatus.PENDING.value,
+            )
+        ).scalars()
+    )
+
+
+def transition(
+    s: Session, step_run_id: str, expected: StepStatus | Sequence[StepStatus], new: StepStatus, **values: Any
+) -> bool:
+    """Guarded status change; True when this caller made it."""
+    exp = [expected] if isinstance(expected, StepStatus) else list(expected)
+    res = s.execute(
+        update(StepRunRow)
+        .where(StepRunRow.id == step_run_id, StepRunRow.status.in_([e.value for e in exp]))
+        .values(status=new.value, **values)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def queue_ready(s: Session, run_id: str, limit: int, now: float) -> list[StepRunRow]:
+    """Move up to ``limit`` ready steps of a run onto the broker window, oldest position first."""
+    if limit <= 0:
+        return []
+    rows = list(
+        s.execute(
+            select(StepRunRow)
+            .where(StepRunRow.run_id == run_id, StepRunRow.status == StepStatus.READY.value)
+            .order_by(StepRunRow.position)
+            .limit(limit)
+        ).scalars()
+    )
+    queued = []
+    for row in rows:
+        task_id = new_id()
+        if transition(s, row.id, StepStatus.READY, StepStatus.QUEUED, queued_at=now, task_id=task_id):
+            row.status, row.queued_at, row.task_id = StepStatus.QUEUED.value, now, task_id
+            queued.append(row)
+    return queued
+
+
+def count_in_flight(s: Session, run_id: str) -> int:
+    return s.execute(
+        select(func.count()).where(
+            StepRunRow.run_id == run_id,
+            StepRunRow.status.in_([StepStatus.QUEUED.value, StepStatus.RUNNING.value]),
+        )
+    ).scalar_one()
+
+
+def count_unfinished(s: Session, run_id: str) -> int:
+    terminal = [st.value for st in StepStatus if st.is_terminal()]
+    return s.execute(
+        select(func.count()).where(StepRunRow.run_id == run_id, StepRunRow.status.not_in(terminal))
+    ).scalar_one()
+
+
+def claim(
+    s: Session, step_run_id: str, *, host: str, pid: int, lease_s: float, now: float
+) -> StepRunRow | None:
+    """Start an attempt of a queued step whose run is still running; None if someone else has it."""
+    run_alive = (
+        select(RunRow.id)
+        .where(RunRow.id == StepRunRow.run_id, RunRow.status == RunStatus.RUNNING.value)
+        .exists()
+    )
+    res = s.execute(
+        update(StepRunRow)
+        .where(StepRunRow.id == step_run_id, StepRunRow.status == StepStatus.QUEUED.value, run_alive)
+        .values(
+            status=StepStatus.RUNNING.value,
+            attempt=StepRunRow.attempt + 1,
+            started_at=now,
+            lease_expires_at=now + lease_s,
+            worker_host=host,
+            worker_pid=pid,
+        )
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return s.execute(select(StepRunRow).where(StepRunRow.id == step_run_id)).scalar_one()
+
+
+def finish_attempt(
+    s: Session, step_run_id: str, attempt: int, new: StepStatus, **values: Any
+) -> bool:
+    """End attempt ``attempt`` of a running step; False when its lease was lost to another attempt."""
+    res = s.execute(
+        update(StepRunRow)
+        .where(
+            StepRunRow.id == step_run_id,
+            StepRunRow.status == StepStatus.RUNNING.value,
+            StepRunRow.attempt == attempt,
+        )
+        .values(status=new.value, lease_expires_at=None, **values)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def extend_lease(s: Session, step_run_id: str, attempt: int, until: float) -> bool:
+    res = s.execute(
+        update(StepRunRow)
+        .where(
+            StepRunRow.id == step_run_id,
+            StepRunRow.status == StepStatus.RUNNING.value,
+            StepRunRow.attempt == attempt,
+        )
+        .values(lease_expires_at=until)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def stop_unstarted(s: Session, run_id: str, new: StepStatus, now: float) -> list[StepRunRow]:
+    """Mark every not-yet-running step of a run ``new`` (skipped or cancelled); return them."""
+    rows = list(
+        s.execute(
+            select(StepRunRow).where(
+                StepRunRow.run_id == run_id, StepRunRow.status.in_([u.value for u in UNSTARTED])
+            )
+        ).scalars()
+    )
+    if rows:
+        s.execute(
+            update(StepRunRow)
+            .where(StepRunRow.id.in_([r.id for r in rows]), StepRunRow.status.in_([u.value for u in UNSTARTED]))
+            .values(status=new.value, ended_at=now)
+        )
+    return rows
+
+
+def expired_leases(s: Session, now: float) -> list[StepRunRow]:
+    return list(
+        s.execute(
+            select(StepRunRow).where(
+                StepRunRow.status == StepStatus.RUNNING.value, StepRunRow.lease_expires_at < now
+            )
+        ).scalars()
+    )
+
+
+def stale_queued(s: Session, queued_before: float) -> list[StepRunRow]:
+    return list(
+        s.execute(
+            select(StepRunRow).where(
+                StepRunRow.status == StepStatus.QUEUED.value, StepRunRow.queued_at < queued_before
+            )
+        ).scalars()
+    )
+
+
+def waiting_queues(s: Session, run_id: str | None = None) -> dict[str, list[tuple[str, str]]]:
+    """Queues with queued steps: ``{queue: [(run_id, invocation_id), ...]}``."""
+    q = select(StepRunRow.queue, StepRunRow.run_id, StepRunRow.invocation_id).where(
+        StepRunRow.status == StepStatus.QUEUED.value
+    )
+    if run_id is not None:
+        q = q.where(StepRunRow.run_id == run_id)
+    out: dict[str, list[tuple[str, str]]] = {}
+    for queue, rid, inv in s.execute(q):
+        out.setdefault(queue, []).append((rid, inv))
+    return out
+
+
+# -- caching --------------------------------------------------------------------------------
+
+
+def find_cache_hit(s: Session, cache_key: str) -> StepRunRow | None:
+    """The newest completed (not cached) step run with this cache key."""
+    return s.execute(
+        select(StepRunRow)
+        .where(StepRunRow.cache_key == cache_key, StepRunRow.status == StepStatus.COMPLETED.value)
+        .order_by(StepRunRow.ended_at.desc())
+        .limit(1)
+    ).scalar()
+
+
+def previous_step_runs(
+    s: Session, *, pipeline_name: str, invocation_id: str, before: float, limit: int = 20
+) -> list[StepRunRow]:
+    """Earlier attempts of the same invocation in the same pipeline, newest first."""
+    return list(
+        s.execute(
+            select(StepRunRow)
+            .join(RunRow, RunRow.id == StepRunRow.run_id)
+            .where(
+                RunRow.pipeline_name == pipeline_name,
+                StepRunRow.invocation_id == invocation_id,
+                RunRow.created_at < before,
+                StepRunRow.cache_ingredients.is_not(None),
+            )
+            .order_by(RunRow.created_at.desc())
+            .limit(limit)
+        ).scalars()
+    )
+
+
+# -- artifacts and lineage ------------------------------------------------------------------
+
+
+def add_artifacts(s: Session, artifacts: Sequence[dict[str, Any]]) -> None:
+    if artifacts:
+        s.execute(insert(ArtifactRow), list(artifacts))
+
+
+def add_lineage(s: Session, edges: Sequence[dict[str, Any]]) -> None:
+    if edges:
+        s.execute(insert(LineageRow), list(edges))
+
+
+def output_artifacts(
+    s: Session, run_id: str, invocation_ids: Iterable[str]
+) -> dict[tuple[str, str], ArtifactRow]:
+    """Outputs of the given invocations of a run: ``{(invocation_id, output_name): artifact}``."""
+    ids = list(invocation_ids)
+    if not ids:
+        return {}
+    rows = s.execute(
+        select(StepRunRow.invocation_id, LineageRow.name, ArtifactRow)
+        .join(LineageRow, and_(LineageRow.step_run_id == StepRunRow.id, LineageRow.direction == OUTPUT))
+        .join(ArtifactRow, ArtifactRow.id == LineageRow.artifact_id)
+        .where(StepRunRow.run_id == run_id, StepRunRow.invocation_id.in_(ids))
+    )
+    return {(inv, name): art for inv, name, art in rows}
+
+
+def step_artifacts(s: Session, step_run_id: str, direction: str) -> list[tuple[str, int, ArtifactRow]]:
+    rows = s.execute(
+        select(LineageRow.name, LineageRow.position, ArtifactRow)
+        .join(ArtifactRow, ArtifactRow.id == LineageRow.artifact_id)
+        .where(LineageRow.step_run_id == step_run_id, LineageRow.direction == direction)
+        .order_by(LineageRow.name, LineageRow.position)
+    )
+    return [(name, pos, art) for name, pos, art in rows]
+
+
+def get_artifact(s: Session, artifact_id: str) -> ArtifactRow:
+    row = s.get(ArtifactRow, artifact_id)
+    if row is None:
+        raise NotFoundError(f"no artifact with id {artifact_id!r}")
+    return row
+
+
+def artifact_consumers(s: Session, artifact_id: str) -> list[StepRunRow]:
+    return list(
+        s.execute(
+            select(StepRunRow)
+            .join(LineageRow, LineageRow.step_run_id == StepRunRow.id)
+            .where(LineageRow.artifact_id == artifact_id, LineageRow.direction == INPUT)
+        ).scalars()
+    )
+
+
+# -- workers --------------------------------------------------------------------------------
+
+
+def worker_heartbeat(s: Session, *, name: str, queues: list[str], host: str, pid: int, now: float) -> None:
+    row = s.get(WorkerRow, name)
+    if row is None:
+        s.add(WorkerRow(name=name, queues=queues, host=host, pid=pid, started_at=now, heartbeat_at=now))
+    else:
+        row.queues, row.host, row.pid, row.heartbeat_at, row.stopped = queues, host, pid, now, False
+
+
+def worker_stopped(s: Session, name: str) -> None:
+    s.execute(update(WorkerRow).where(WorkerRow.name == name).values(stopped=True))
+
+
+def live_queues(s: Session, *, now: float, max_age_s: float) -> set[str]:
+    """Queues consumed by a worker whose heartbeat is younger than ``max_age_s``."""
+    rows = s.execute(
+        select(WorkerRow.queues).where(WorkerRow.stopped.is_(False), WorkerRow.heartbeat_at >= now - max_age_s)
+    ).scalars()
+    return {q for queues in rows for q in queues}
+
+
+def forget_workers(s: Session, older_than: float) -> None:
+    s.execute(delete(WorkerRow).where(WorkerRow.heartbeat_at < older_than))

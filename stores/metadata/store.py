@@ -1,0 +1,208 @@
+"""The SQL metadata store: engine set-up, migrations and transactions.
+
+One :class:`MetadataStore` per process and URL. SQLite runs in WAL mode with
+``BEGIN IMMEDIATE`` for writes, so several local processes can write without
+upgrade deadlocks; PostgreSQL is used as is (READ COMMITTED, row locks).
+Queries on runs, steps and artifacts live in :mod:`stores.metadata.queries`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from stores.errors import MetadataStoreError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.orm import Session
+
+log = logging.getLogger("zenml_workers.stores.metadata")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+#: Newest Alembic revision; checked with one query at start-up so Alembic is only imported to migrate.
+HEAD_REVISION = "0001_initial"
+
+
+def default_sqlite_url(home: str | os.PathLike[str]) -> str:
+    """SQLite URL of the embedded default store under ``home``."""
+    return f"sqlite:///{Path(home).expanduser().resolve() / 'metadata.db'}"
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url
+
+
+class MetadataStore:
+    """Connection to the metadata database.
+
+    Args:
+        url: SQLAlchemy URL (``sqlite:///path.db`` or ``postgresql+psycopg://...``).
+        migrate: bring the schema to the newest revision on first use.
+
+    Raises:
+        MetadataStoreError: the URL is malformed, its driver is missing or the
+            database cannot be reached or migrated.
+    """
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self.url = url
+        self._migrate = migrate
+        self._engine: Engine | None = None
+        self._write_engine: Engine | None = None
+        self._pid = os.getpid()
+        self._ready = False
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+    # -- engine -----------------------------------------------------------------------------
+
+    def _build_engine(self) -> None:
+        from sqlalchemy import create_engine, event
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        try:
+            if self.is_sqlite:
+                path = self.url.split("///", 1)[-1]
+                if path and path != ":memory:":
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                engine = create_engine(self.url, connect_args={"timeout": 60, "check_same_thread": False})
+
+                @event.listens_for(engine, "connect")
+                def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+                    # Let SQLAlchemy's "begin" event, not pysqlite, open transactions.
+                    dbapi_conn.isolation_level = None
+                    cur = dbapi_conn.cursor()
+                    cur.execute("PRAGMA journal_mode=WAL")
+                    cur.execute("PRAGMA synchronous=NORMAL")
+                    cur.execute("PRAGMA foreign_keys=ON")
+                    cur.execute("PRAGMA busy_timeout=60000")
+                    cur.close()
+
+                @event.listens_for(engine, "begin")
+                def _on_begin(conn: Any) -> None:
+                    write = conn.get_execution_options().get("zw_write", False)
+                    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+            else:
+                engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        except (ArgumentError, NoSuchModuleError, ModuleNotFoundError) as e:
+            raise MetadataStoreError(
+                f"cannot use metadata store URL {_redact(self.url)!r} ({e}); set ZW_METADATA_URL to "
+                "'sqlite:///path/metadata.db' or 'postgresql+psycopg://user:pass@host/db' "
+                "(PostgreSQL needs: pip install 'zenml-workers[postgres]')"
+            ) from e
+        self._engine = engine
+        self._write_engine = engine.execution_options(zw_write=True)
+
+    @property
+    def engine(self) -> Engine:
+        if self._pid != os.getpid():
+            # A forked child must not reuse the parent's connections.
+            if self._engine is not None:
+                self._engine.dispose(close=False)
+            self._engine = self._write_engine = None
+            self._pid = os.getpid()
+        if self._engine is None:
+            self._build_engine()
+        if not self._ready:
+            self._ready = True
+            if self._migrate:
+                try:
+                    self.migrate()
+                except BaseException:
+                    self._ready = False
+                    raise
+        assert self._engine is not None
+        return self._engine
+
+    def dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+        self._engine = self._write_engine = None
+        self._ready = False
+
+    # -- migrations -------------------------------------------------------------------------
+
+    def current_revision(self) -> str | None:
+        from sqlalchemy import text
+        from sqlalchemy.exc import OperationalError, ProgrammingError
+
+        assert self._engine is not None
+        try:
+            with self._engine.connect() as conn:
+                return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except (OperationalError, ProgrammingError) as e:
+            if "alembic_version" in str(e):
+                return None
+            raise self._unreachable(e) from e
+
+    def migrate(self) -> None:
+        """Bring the schema to :data:`HEAD_REVISION` (one query when it already is)."""
+        if self._engine is None:
+            self._build_engine()
+        if self.current_revision() == HEAD_REVISION:
+            return
+        from alembic import command
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        assert self._write_engine is not None
+        started = time.perf_counter()
+        with self._write_engine.begin() as conn:
+            if not self.is_sqlite:
+                # Workers starting together must not race to create the tables.
+                from sqlalchemy import text
+
+                conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        log.info("migrated metadata store %s in %.3fs", _redact(self.url), time.perf_counter() - started)
+
+    def _unreachable(self, e: Exception) -> MetadataStoreError:
+        return MetadataStoreError(
+            f"cannot reach the metadata store at {_redact(self.url)} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}); check ZW_METADATA_URL and that the database is running"
+        )
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A write transaction: committed on a clean exit, rolled back on an exception."""
+        from sqlalchemy.exc import OperationalError
+        from sqlalchemy.orm import Session
+
+        self.engine  # noqa: B018 - builds and migrates on first use
+        assert self._write_engine is not None
+        try:
+            with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+                yield session
+        except OperationalError as e:
+            raise self._unreachable(e) from e
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only session (no write lock on SQLite)."""
+        from sqlalchemy.exc import OperationalError
+        from sqlalchemy.orm import Session
+
+        engine = self.engine
+        try:
+            with Session(engine, expire_on_commit=False) as session, session.begin():
+                yield session
+        except OperationalError as e:
+            raise self._unreachable(e) from e

@@ -1,0 +1,1 @@
+from tests.services.s3 import s3_server  # noqa: F401

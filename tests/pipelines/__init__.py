@@ -1,0 +1,1 @@
+"""Pipeline modules used as fixtures: importable, so their steps pickle by reference."""

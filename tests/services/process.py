@@ -1,0 +1,265 @@
+"""Start, wait for and stop the real service processes used by integration tests.
+
+Every service runs on a loopback port picked by :func:`free_port`, in its own process group,
+with its output in a log file whose tail goes into every error message. Nothing here runs at
+import time; the fixtures in the sibling modules call it lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import NoReturn
+
+import pytest
+
+SETUP_HINT = "run `make test` or `scripts/setup.sh` to install it"
+
+
+def in_ci() -> bool:
+    """Return True when running under CI (``CI`` is ``true``/``1``/``yes``)."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def service_unavailable(message: str) -> NoReturn:
+    """Fail the current test in CI, skip it elsewhere.
+
+    Raises:
+        pytest.fail.Exception: when :func:`in_ci` is true.
+        pytest.skip.Exception: otherwise.
+    """
+    if in_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def require_binary(name: str, extra_dirs: Iterable[str | Path] = ()) -> str:
+    """Return the absolute path of executable ``name``, or fail/skip the test.
+
+    Searches ``PATH``, then the directory of the running interpreter (the virtualenv's
+    ``bin``), then ``extra_dirs`` (globs are not expanded here).
+
+    Raises:
+        pytest.fail.Exception: in CI when the binary is missing.
+        pytest.skip.Exception: outside CI when the binary is missing.
+    """
+    search = [os.environ.get("PATH", ""), str(Path(sys.executable).parent)]
+    search.extend(str(d) for d in extra_dirs)
+    found = shutil.which(name, path=os.pathsep.join(search))
+    if found is None:
+        service_unavailable(f"`{name}` was not found on PATH; {SETUP_HINT}.")
+    return found
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    timeout_s: float,
+    what: str,
+    *,
+    log_tail: Callable[[], str] | None = None,
+    alive: Callable[[], bool] | None = None,
+) -> None:
+    """Poll ``predicate`` until it returns a truthy value.
+
+    Exceptions raised by ``predicate`` count as "not yet" (a refused connection, say); the
+    last one is quoted in the error. Polling starts at 10 ms and backs off to 200 ms.
+
+    Args:
+        predicate: condition to poll.
+        timeout_s: how long to wait, in seconds.
+        what: what is being waited for, for the error message ("redis-server to answer PING").
+        log_tail: returns the tail of the service's log, appended to the error.
+        alive: returns False once the service process has exited, which ends the wait early.
+
+    Raises:
+        TimeoutError: when the condition does not hold within ``timeout_s`` or the process died.
+    """
+    deadline = time.monotonic() + timeout_s
+    delay_s = 0.01
+    last_error: BaseException | None = None
+    while True:
+        try:
+            if predicate():
+                return
+            last_error = None
+        except Exception as exc:  # the service is not up yet; keep the reason for the report
+            last_error = exc
+        if alive is not None and not alive():
+            reason = "the process exited"
+            break
+        if time.monotonic() >= deadline:
+            reason = f"gave up after {timeout_s:g} s"
+            break
+        time.sleep(delay_s)
+        delay_s = min(delay_s * 2, 0.2)
+    message = f"Timed out waiting for {what} ({reason})"
+    if last_error is not None:
+        message += f"; last error: {type(last_error).__name__}: {last_error}"
+    if log_tail is not None:
+        message += f"\n--- log tail ---\n{log_tail()}"
+    raise TimeoutError(message)
+
+
+class ServiceProcess:
+    """A service started in its own process group, with its output in ``log_path``.
+
+    Stopping sends ``stop_signal`` to the main PID, waits up to ``timeout_s``, then SIGKILLs
+    the whole group so that no child (a Celery pool process, a PostgreSQL backend) outlives it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        user: str | None = None,
+        stop_signal: signal.Signals = signal.SIGTERM,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
+        self.user = user
+        self.stop_signal = stop_signal
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServiceProcess:
+        """Start the process; returns ``self``.
+
+        Raises:
+            RuntimeError: when it was already started.
+            OSError: when the executable cannot be run.
+        """
+        if self._popen is not None:
+            raise RuntimeError(f"{self.name} was already started; create a new ServiceProcess.")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._popen = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+                user=self.user,
+                group=self.user,
+                extra_groups=[] if self.user is not None else None,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        """PID of the main process (also its process-group id).
+
+        Raises:
+            RuntimeError: when the process was never started.
+        """
+        return self._require().pid
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status once the main process has exited, else None."""
+        return self._require().poll()
+
+    def is_running(self) -> bool:
+        """Return True while the main process has not exited."""
+        return self._popen is not None and self._popen.poll() is None
+
+    def log_text(self) -> str:
+        """Return the whole log (decoded leniently); empty when nothing was written yet."""
+        try:
+            return self.log_path.read_bytes().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        """Return the last ``lines`` lines of the log."""
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def wait_until(self, predicate: Callable[[], object], timeout_s: float, what: str) -> None:
+        """:func:`wait_until` with this process's log tail, ending early if it exits.
+
+        Raises:
+            TimeoutError: when the condition does not hold in time or the process exited.
+        """
+        wait_until(
+            predicate,
+            timeout_s,
+            f"{what} [{self.name}, pid {self.pid}]",
+            log_tail=self.log_tail,
+            alive=self.is_running,
+        )
+
+    def wait_for_log(self, text: str, timeout_s: float) -> None:
+        """Wait until ``text`` appears in the log.
+
+        Raises:
+            TimeoutError: when it does not appear within ``timeout_s`` seconds.
+        """
+        self.wait_until(lambda: text in self.log_text(), timeout_s, f"{text!r} in the log")
+
+    def send_signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the main process only (for crash tests: SIGKILL a worker)."""
+        popen = self._require()
+        if popen.poll() is None:
+            popen.send_signal(sig)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """Stop gracefully, then kill the whole process group; returns the exit status.
+
+        Safe to call more than once and on a process that already exited.
+        """
+        if self._popen is None:
+            return None
+        popen = self._popen
+        if popen.poll() is None:
+            try:
+                popen.send_signal(self.stop_signal)
+                popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is already empty
+        return popen.wait()
+
+    def _require(self) -> subprocess.Popen[bytes]:
+        if self._popen is None:
+            raise RuntimeError(f"{self.name} was not started; call start() first.")
+        return self._popen
+
+    def __enter__(self) -> ServiceProcess:
+        return self if self._popen is not None else self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "not started" if self._popen is None else f"pid {self._popen.pid}"
+        return f"ServiceProcess({self.name!r}, {state})"

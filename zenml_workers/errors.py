@@ -1,0 +1,92 @@
+"""Every exception zenml-workers raises on purpose, under one root.
+
+Catch :class:`ZenMLWorkersError` to handle them all; each area (definition,
+execution, configuration, stores) has its own root beneath it.
+"""
+
+from __future__ import annotations
+
+from stores.errors import (
+    ArtifactNotFoundError,
+    ArtifactStoreCredentialsError,
+    ArtifactStoreError,
+    MetadataStoreError,
+    NotFoundError,
+    StoreError,
+    ZenMLWorkersError,
+)
+
+__all__ = [
+    "ArtifactNotFoundError",
+    "ArtifactStoreCredentialsError",
+    "ArtifactStoreError",
+    "ConfigurationError",
+    "DefinitionError",
+    "ExecutionError",
+    "MaterializerError",
+    "MetadataStoreError",
+    "NoWorkerForQueueError",
+    "NotFoundError",
+    "PipelineDefinitionError",
+    "RunCancelledError",
+    "RunFailedError",
+    "RunTimeoutError",
+    "StepDefinitionError",
+    "StepFailedError",
+    "StoreError",
+    "ZenMLWorkersError",
+]
+
+
+class DefinitionError(ZenMLWorkersError):
+    """Raised when a step or pipeline is defined or wired wrongly, before anything runs."""
+
+
+class StepDefinitionError(DefinitionError):
+    """Raised when ``@step`` cannot turn a function into a step (missing hints, ``*args``...)."""
+
+
+class PipelineDefinitionError(DefinitionError):
+    """Raised when a pipeline's DAG is invalid: a cycle, a missing input, a bad parameter."""
+
+
+class ConfigurationError(ZenMLWorkersError):
+    """Raised when settings or a stack file are invalid or name something unknown."""
+
+
+class MaterializerError(ZenMLWorkersError):
+    """Raised when a value cannot be saved to or loaded from an artifact."""
+
+
+class ExecutionError(ZenMLWorkersError):
+    """Raised when a run cannot be executed or does not finish as asked."""
+
+
+class RunFailedError(ExecutionError):
+    """Raised by ``wait()`` when a run ends failed; carries the failed steps."""
+
+    def __init__(self, message: str, *, run_id: str, failed_steps: dict[str, str] | None = None):
+        super().__init__(message)
+        self.run_id = run_id
+        self.failed_steps = failed_steps or {}
+
+
+class StepFailedError(RunFailedError):
+    """Raised by ``wait()`` when a step raised; carries the step's remote traceback."""
+
+    def __init__(self, message: str, *, run_id: str, step: str, remote_traceback: str):
+        super().__init__(message, run_id=run_id, failed_steps={step: remote_traceback})
+        self.step = step
+        self.remote_traceback = remote_traceback
+
+
+class RunCancelledError(ExecutionError):
+    """Raised by ``wait()`` when the run was cancelled."""
+
+
+class RunTimeoutError(ExecutionError):
+    """Raised by ``wait(timeout_s=...)`` when the run did not finish in time."""
+
+
+class NoWorkerForQueueError(ExecutionError):
+    """Raised or reported when steps wait on a queue that no live worker consumes."""

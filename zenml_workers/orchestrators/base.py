@@ -1,0 +1,39 @@
+"""How a planned run's step tasks reach workers, and how a caller waits for the run."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+
+from scheduler.dispatch import QueuedStep
+from stores.metadata.models import StepRunRow
+from stores.metadata.store import MetadataStore
+from zenml_workers.settings import Settings
+
+#: Called with (steps finished, steps total) while waiting.
+ProgressCallback = Callable[[int, int], None]
+
+
+class Orchestrator(ABC):
+    """Sends step tasks and signals run progress. One per process and stack."""
+
+    name: str = ""
+
+    def __init__(self, settings: Settings, metadata: MetadataStore) -> None:
+        self.settings = settings
+        self.metadata = metadata
+
+    @abstractmethod
+    def send(self, run_id: str, queued: Sequence[QueuedStep]) -> None:
+        """Hand tasks that a committed transaction queued to the workers."""
+
+    @abstractmethod
+    def wait_changed(self, run_id: str, timeout_s: float) -> bool:
+        """Block until the run may have ended (True) or ``timeout_s`` passes (False)."""
+
+    @abstractmethod
+    def revoke(self, rows: Sequence[StepRunRow]) -> None:
+        """Stop queued or running attempts of a cancelled run (best effort)."""
+
+    def close(self) -> None:
+        """Release processes and connections."""

@@ -1,0 +1,72 @@
+"""The embedded default orchestrator: local worker processes, SQLite, a local folder."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from scheduler.dispatch import QueuedStep
+from stores.metadata.models import StepRunRow
+from stores.metadata.store import MetadataStore
+from zenml_workers.orchestrators.base import Orchestrator
+from zenml_workers.orchestrators.pool import LocalPool, RunTracker
+from zenml_workers.settings import Settings
+
+
+class LocalOrchestrator(Orchestrator):
+    """Runs steps in a process pool of this machine; needs no server."""
+
+    name = "local"
+
+    def __init__(self, settings: Settings, metadata: MetadataStore) -> None:
+        super().__init__(settings, metadata)
+        self.pool = LocalPool(settings)
+        self._trackers: dict[str, RunTracker] = {}
+
+    def _tracker(self, run_id: str) -> RunTracker:
+        tracker = self._trackers.get(run_id)
+        if tracker is None:
+            tracker = self._trackers[run_id] = RunTracker(run_id)
+        return tracker
+
+    def send(self, run_id: str, queued: Sequence[QueuedStep]) -> None:
+        self.pool.send(list(queued), self._tracker(run_id))
+
+    def wait_changed(self, run_id: str, timeout_s: float) -> bool:
+        tracker = self._trackers.get(run_id)
+        if tracker is None:
+            return True
+        if not tracker.done.wait(timeout_s):
+            return False
+        if tracker.error is not None:
+            # A worker process died under the run: nothing else will finish it.
+            import time
+
+            from scheduler.dispatch import fail_run
+
+            with self.metadata.transaction() as s:
+                fail_run(s, run_id, f"a local worker process died: {tracker.error!r}", now=time.time())
+        else:
+            # Every pool item returned but the run is still open (e.g. cancelled items dropped).
+            import time
+
+            from scheduler.dispatch import finish_run_if_done
+
+            with self.metadata.transaction() as s:
+                finish_run_if_done(s, run_id, now=time.time())
+        return True
+
+    def idle(self, run_id: str) -> bool:
+        """True when none of the run's steps is left in the pool."""
+        tracker = self._trackers.get(run_id)
+        return tracker is None or tracker.done.is_set()
+
+    def forget(self, run_id: str) -> None:
+        self._trackers.pop(run_id, None)
+
+    def revoke(self, rows: Sequence[StepRunRow]) -> None:
+        # Queued pool items find their run cancelled when they try to claim and
+        # drop themselves; running ones finish, and their commit is refused.
+        return None
+
+    def close(self) -> None:
+        self.pool.shutdown()

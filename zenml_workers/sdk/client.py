@@ -1,0 +1,311 @@
+"""Read runs, steps and artifacts from the shared metadata store.
+
+Views are frozen dataclasses built from the rows, so the schema can change
+without breaking users. Everyone on a stack sees everyone's runs and can load
+their artifacts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from zenml_workers.errors import NotFoundError
+from zenml_workers.sdk.stack import Stack, get_stack
+from zenml_workers.settings import Settings
+
+
+@dataclass(frozen=True)
+class ArtifactView:
+    """An immutable, content-hashed artifact and where it came from."""
+
+    id: str
+    name: str
+    uri: str
+    data_type: str
+    materializer: str
+    content_hash: str
+    size_bytes: int
+    metadata: Mapping[str, Any]
+    producer_run_id: str
+    producer_step_run_id: str
+    created_at: float
+    _stack: Stack = field(repr=False, compare=False)
+
+    def load(self) -> Any:
+        """Load the value with the materializer that saved it.
+
+        Raises:
+            ArtifactNotFoundError: the object is gone from the artifact store.
+            MaterializerError: its materializer cannot be imported here.
+        """
+        from zenml_workers.sdk.materializers.registry import load_materializer, resolve_type
+
+        store = _store_for(self._stack, self.uri)
+        with store.reader(self.uri) as fp:
+            return load_materializer(self.materializer)().load(fp, resolve_type(self.data_type))
+
+
+@dataclass(frozen=True)
+class StepRunView:
+    """One step invocation of a run."""
+
+    id: str
+    run_id: str
+    invocation_id: str
+    name: str
+    status: str
+    queue: str
+    attempt: int
+    worker_host: str | None
+    worker_pid: int | None
+    started_at: float | None
+    ended_at: float | None
+    cache_key: str | None
+    cached_from_run_id: str | None
+    logs: str
+    exception: str
+    traceback: str
+    outputs: Mapping[str, ArtifactView]
+    inputs: Mapping[str, ArtifactView | list[ArtifactView]]
+    metadata: Mapping[str, Any]
+
+    @property
+    def output(self) -> ArtifactView:
+        """The single output of a step that has exactly one.
+
+        Raises:
+            ValueError: the step has no output or several (use ``outputs[name]``).
+        """
+        if len(self.outputs) != 1:
+            raise ValueError(
+                f"step {self.invocation_id!r} has {len(self.outputs)} outputs ({', '.join(self.outputs)}); "
+                "use .outputs[name]"
+            )
+        return next(iter(self.outputs.values()))
+
+    @property
+    def is_cached(self) -> bool:
+        return self.status == "cached"
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return self.ended_at - self.started_at
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A pipeline run with its steps, configuration and captured environment."""
+
+    id: str
+    name: str
+    pipeline: str
+    status: str
+    user: str
+    orchestrator: str
+    created_at: float
+    ended_at: float | None
+    message: str
+    config: Mapping[str, Any]
+    environment: Mapping[str, Any]
+    steps: Mapping[str, StepRunView]
+
+    @property
+    def duration_s(self) -> float | None:
+        return None if self.ended_at is None else self.ended_at - self.created_at
+
+
+@dataclass(frozen=True)
+class PipelineView:
+    """A pipeline by name, with access to its runs."""
+
+    id: str
+    name: str
+    _client: Client = field(repr=False, compare=False)
+
+    @property
+    def runs(self) -> list[RunView]:
+        """Runs of this pipeline, newest first (at most 50)."""
+        return self._client.list_runs(pipeline=self.name)
+
+    @property
+    def last_run(self) -> RunView:
+        runs = self._client.list_runs(pipeline=self.name, limit=1)
+        if not runs:
+            raise NotFoundError(f"pipeline {self.name!r} has no runs yet")
+        return runs[0]
+
+
+class Client:
+    """Entry point to everything recorded on a stack.
+
+    Args:
+        settings: the stack to read (default: ``ZW_*`` environment / stack file).
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._stack = get_stack(settings)
+
+    def get_pipeline(self, name: str) -> PipelineView:
+        from stores.metadata import queries as q
+
+        with self._stack.metadata.read() as s:
+            row = q.get_pipeline(s, name)
+        return PipelineView(id=row.id, name=row.name, _client=self)
+
+    def list_pipelines(self) -> list[str]:
+        from stores.metadata import queries as q
+
+        with self._stack.metadata.read() as s:
+            return [p.name for p in q.list_pipelines(s)]
+
+    def list_runs(self, *, pipeline: str | None = None, limit: int = 50) -> list[RunView]:
+        from stores.metadata import queries as q
+
+        with self._stack.metadata.read() as s:
+            ids = [r.id for r in q.list_runs(s, pipeline=pipeline, limit=limit)]
+        return [self.get_run(i) for i in ids]
+
+    def get_run(self, run_id: str) -> RunView:
+        """The run with this id (a unique prefix of it is enough).
+
+        Raises:
+            NotFoundError: no run has this id.
+        """
+        from sqlalchemy import select
+
+        from stores.metadata import queries as q
+        from stores.metadata.models import ArtifactRow, LineageRow, RunRow
+
+        with self._stack.metadata.read() as s:
+            row = s.get(RunRow, run_id)
+            if row is None:
+                matches = list(s.execute(select(RunRow).where(RunRow.id.like(f"{run_id}%")).limit(2)).scalars())
+                if len(matches) != 1:
+                    raise NotFoundError(f"no run with id {run_id!r}; list runs with `zw runs`")
+                row = matches[0]
+            steps = q.step_runs(s, row.id)
+            edges = s.execute(
+                select(LineageRow, ArtifactRow)
+                .join(ArtifactRow, ArtifactRow.id == LineageRow.artifact_id)
+                .where(LineageRow.run_id == row.id)
+                .order_by(LineageRow.position)
+            ).all()
+        outputs: dict[str, dict[str, ArtifactView]] = {}
+        inputs: dict[str, dict[str, Any]] = {}
+        list_inputs = _list_inputs(row.spec, {st.id: st.invocation_id for st in steps})
+        for edge, art in edges:
+            view = self._artifact_view(art)
+            if edge.direction == "output":
+                outputs.setdefault(edge.step_run_id, {})[edge.name] = view
+            else:
+                bucket = inputs.setdefault(edge.step_run_id, {})
+                if (edge.step_run_id, edge.name) in list_inputs:
+                    bucket.setdefault(edge.name, []).append(view)
+                else:
+                    bucket[edge.name] = view
+        step_views = {
+            st.invocation_id: StepRunView(
+                id=st.id, run_id=st.run_id, invocation_id=st.invocation_id, name=st.step_name,
+                status=st.status, queue=st.queue, attempt=st.attempt, worker_host=st.worker_host,
+                worker_pid=st.worker_pid, started_at=st.started_at, ended_at=st.ended_at,
+                cache_key=st.cache_key, cached_from_run_id=st.cached_from_run_id, logs=st.logs or "",
+                exception=st.exception or "", traceback=st.traceback or "",
+                outputs=MappingProxyType(outputs.get(st.id, {})),
+                inputs=MappingProxyType(inputs.get(st.id, {})),
+                metadata=MappingProxyType(dict(st.step_metadata or {})),
+            )
+            for st in steps
+        }
+        return RunView(
+            id=row.id, name=row.name, pipeline=row.pipeline_name, status=row.status, user=row.user,
+            orchestrator=row.orchestrator, created_at=row.created_at, ended_at=row.ended_at,
+            message=row.message or "", config=MappingProxyType(dict(row.config or {})),
+            environment=MappingProxyType(dict(row.environment or {})), steps=MappingProxyType(step_views),
+        )
+
+    def get_artifact(self, artifact_id: str) -> ArtifactView:
+        from stores.metadata import queries as q
+
+        with self._stack.metadata.read() as s:
+            return self._artifact_view(q.get_artifact(s, artifact_id))
+
+    def logs(self, run_id: str, step: str) -> str:
+        """Captured stdout, stderr and logging of a step run.
+
+        Raises:
+            NotFoundError: no such run, or the run has no step with that invocation id.
+        """
+        run = self.get_run(run_id)
+        if step not in run.steps:
+            raise NotFoundError(f"run {run.id} has no step {step!r}; its steps are {', '.join(run.steps)}")
+        return run.steps[step].logs
+
+    def explain_cache(self, run: str | RunView, step: str) -> list[str]:
+        """Why ``step`` of ``run`` was (or was not) a cache hit, as sentences.
+
+        Compares the step's cache ingredients with the closest earlier run of the
+        same step in the same pipeline and names every ingredient that changed.
+        """
+        from scheduler import cache
+        from stores.metadata import queries as q
+        from stores.metadata.models import StepRunRow
+
+        run_view = run if isinstance(run, RunView) else self.get_run(run)
+        if step not in run_view.steps:
+            raise NotFoundError(f"run {run_view.id} has no step {step!r}; its steps are {', '.join(run_view.steps)}")
+        sv = run_view.steps[step]
+        with self._stack.metadata.read() as s:
+            row = s.get(StepRunRow, sv.id)
+            assert row is not None
+            if row.status == "cached":
+                return [f"cache hit: reused the outputs of run {row.cached_from_run_id}"]
+            if not row.cache_ingredients:
+                return ["the step never became ready, so no cache key was computed"]
+            previous = q.previous_step_runs(
+                s, pipeline_name=run_view.pipeline, invocation_id=step, before=run_view.created_at
+            )
+        current = row.cache_ingredients
+        if previous and not _enabled(run_view, step):
+            return ["caching is disabled for this step"]
+        best = min(previous, key=lambda p: len(cache.explain(p.cache_ingredients, current)), default=None)
+        reasons = cache.explain(best.cache_ingredients if best else None, current)
+        if not reasons:
+            return ["same cache key as an earlier run, but caching was disabled for this step"]
+        return reasons
+
+    def _artifact_view(self, art: Any) -> ArtifactView:
+        return ArtifactView(
+            id=art.id, name=art.name, uri=art.uri, data_type=art.data_type, materializer=art.materializer,
+            content_hash=art.content_hash, size_bytes=art.size_bytes,
+            metadata=MappingProxyType(dict(art.artifact_metadata or {})), producer_run_id=art.producer_run_id,
+            producer_step_run_id=art.producer_step_run_id, created_at=art.created_at, _stack=self._stack,
+        )
+
+
+def _enabled(run: RunView, step: str) -> bool:
+    return bool(run.config.get("steps", {}).get(step, {}).get("enable_cache", True))
+
+
+def _list_inputs(spec_text: str, invocation_of: dict[str, str]) -> set[tuple[str, str]]:
+    """(step run id, input name) of fan-in inputs: lineage rows do not say, the spec does."""
+    from zenml_workers.specs import PipelineSpec
+
+    by_inv = {
+        st.invocation_id: {i.name for i in st.inputs if i.is_list} for st in PipelineSpec.decode(spec_text).steps
+    }
+    return {(sr, name) for sr, inv in invocation_of.items() for name in by_inv.get(inv, ())}
+
+
+def _store_for(stack: Stack, uri: str) -> Any:
+    from stores.artifacts import artifact_store_from_uri
+
+    if uri.split("://", 1)[0] == stack.artifacts.root_uri.split("://", 1)[0]:
+        return stack.artifacts
+    root = uri.rsplit("/", 1)[0]
+    return artifact_store_from_uri(root, **stack.settings.s3_options())
+

@@ -1,0 +1,240 @@
+"""``submit()``, ``pipeline(...)`` and the run handle.
+
+Submitting builds the pipeline, records the run and its steps in one SQL
+transaction (cached steps are resolved right there), then hands the ready
+steps to the stack's orchestrator. Nothing here polls for work: the waiting
+caller is woken by the orchestrator and only reads the run's state.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from zenml_workers.errors import (
+    ConfigurationError,
+    NoWorkerForQueueError,
+    RunCancelledError,
+    RunFailedError,
+    RunTimeoutError,
+    StepFailedError,
+)
+from zenml_workers.sdk.stack import Stack, get_stack
+from zenml_workers.settings import Settings
+
+if TYPE_CHECKING:
+    from zenml_workers.sdk.client import RunView
+    from zenml_workers.sdk.pipeline import Pipeline
+
+
+def submit(
+    pipeline: Pipeline,
+    /,
+    *,
+    settings: Settings | None = None,
+    run_name: str | None = None,
+    **params: Any,
+) -> RunHandle:
+    """Start a run of ``pipeline`` on the active stack and return at once.
+
+    Args:
+        pipeline: a ``@pipeline``.
+        settings: the stack to run on (default: ``ZW_*`` environment / stack file).
+        run_name: a name for the run (default: pipeline name and UTC time).
+        **params: the pipeline function's parameters.
+
+    Raises:
+        PipelineDefinitionError: the pipeline is mis-wired (raised before anything runs).
+        ConfigurationError: a step names a queue the stack does not know.
+        MetadataStoreError: the metadata store cannot be reached.
+    """
+    from scheduler.dispatch import plan_run
+    from zenml_workers import environment
+
+    stack = get_stack(settings)
+    built = pipeline.build(**params)
+    spec = built.spec
+    unknown = sorted({s.queue for s in spec.steps} - set(stack.settings.queues))
+    if unknown:
+        bad = next(s for s in spec.steps if s.queue in unknown)
+        raise ConfigurationError(
+            f"step {bad.invocation_id!r} names queue {bad.queue!r}, which this stack does not know "
+            f"(known: {', '.join(stack.settings.queues)}); fix the queue name or add it to ZW_QUEUES"
+        )
+    run_id = str(uuid.uuid4())
+    now = time.time()
+    name = run_name or f"{spec.name}-{datetime.now(timezone.utc).strftime('%Y_%m_%d-%H_%M_%S_%f')}"
+    config = {
+        "parameters": spec.parameters,
+        "enable_cache": spec.enable_cache,
+        "steps": {s.invocation_id: {"parameters": s.parameters, "queue": s.queue, "retries": s.retries,
+                                     "enable_cache": s.enable_cache, "settings": s.settings} for s in spec.steps},
+        "stack": stack.settings.describe(),
+    }
+    blobs = [
+        {"code_hash": b.code_hash, "name": b.name, "source": b.source, "pickled": b.pickled}
+        for b in built.code.values()
+    ]
+    with stack.metadata.transaction() as s:
+        queued = plan_run(
+            s, spec=spec, code_blobs=blobs, run_id=run_id, run_name=name, config=config,
+            environment=environment.capture(_source_dir(pipeline)), user=stack.settings.user,
+            orchestrator=stack.orchestrator.name, window=stack.settings.max_queued_per_run, now=now,
+        )
+    stack.orchestrator.send(run_id, queued)
+    return RunHandle(run_id, stack)
+
+
+def _source_dir(pipeline: Pipeline) -> str | None:
+    """Folder of the file defining the pipeline (its git state is recorded), None in a REPL."""
+    import inspect
+    import os
+
+    try:
+        path = inspect.getsourcefile(pipeline.entrypoint)
+    except TypeError:
+        return None
+    return os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+
+
+def run_pipeline(pipeline: Pipeline, params: dict[str, Any]) -> RunView:
+    """Run ``pipeline`` and block until it ends; what calling a ``@pipeline`` does."""
+    return submit(pipeline, **params).wait()
+
+
+class RunHandle:
+    """A submitted run: its id, live status, and ``wait()``/``cancel()``."""
+
+    def __init__(self, run_id: str, stack: Stack) -> None:
+        self.id = run_id
+        self._stack = stack
+
+    def __repr__(self) -> str:
+        return f"RunHandle(id={self.id!r})"
+
+    @property
+    def status(self) -> str:
+        """The run's status (``running``, ``completed``, ``failed``, ``cancelled``)."""
+        from stores.metadata import queries as q
+
+        with self._stack.metadata.read() as s:
+            return q.get_run(s, self.id).status
+
+    def progress(self) -> tuple[int, int]:
+        """(finished steps, total steps)."""
+        from stores.metadata import queries as q
+        from stores.metadata.states import StepStatus
+
+        with self._stack.metadata.read() as s:
+            counts = q.status_counts(s, self.id)
+        done = sum(n for st, n in counts.items() if StepStatus(st).is_terminal())
+        return done, sum(counts.values())
+
+    def blocked_queues(self) -> dict[str, list[str]]:
+        """Queues on which this run's steps wait while no live worker consumes them."""
+        from stores.metadata import queries as q
+
+        if self._stack.settings.is_embedded:
+            return {}
+        with self._stack.metadata.read() as s:
+            waiting = q.waiting_queues(s, self.id)
+            live = q.live_queues(s, now=time.time(), max_age_s=self._stack.settings.worker_ttl_s)
+        return {queue: [inv for _, inv in steps] for queue, steps in waiting.items() if queue not in live}
+
+    def wait(
+        self, timeout_s: float | None = None, *, progress: bool | None = None, raise_on_failure: bool = True
+    ) -> RunView:
+        """Block until the run ends and return it.
+
+        Args:
+            timeout_s: give up after this many seconds (None: wait for ever).
+            progress: show progress (None: a progress bar on a terminal, nothing otherwise).
+            raise_on_failure: raise when the run fails or is cancelled.
+
+        Raises:
+            StepFailedError: a step failed; names it and carries its remote traceback.
+            RunCancelledError: the run was cancelled.
+            RunTimeoutError: ``timeout_s`` passed first.
+            NoWorkerForQueueError: raised on timeout when steps wait on a queue no live worker consumes.
+        """
+        from zenml_workers.sdk.client import Client
+        from zenml_workers.sdk.progress import ProgressReporter
+
+        orch = self._stack.orchestrator
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        show = sys.stderr.isatty() if progress is None else progress
+        reporter = ProgressReporter(self.id, enabled=show)
+        next_read = 0.0
+        last_blocked_check = 0.0
+        warned: set[str] = set()
+        hint = False
+        try:
+            while True:
+                now = time.monotonic()
+                if hint or now >= next_read:
+                    next_read = now + 0.5
+                    if self.status != "running":
+                        break
+                    if show:
+                        reporter.update(*self.progress())
+                    if now - last_blocked_check > 5.0:
+                        last_blocked_check = now
+                        for queue, steps in self.blocked_queues().items():
+                            if queue not in warned:
+                                warned.add(queue)
+                                reporter.warn(_no_worker_message(queue, steps))
+                if deadline is not None and now >= deadline:
+                    blocked = self.blocked_queues()
+                    if blocked:
+                        queue, steps = next(iter(blocked.items()))
+                        raise NoWorkerForQueueError(_no_worker_message(queue, steps))
+                    raise RunTimeoutError(
+                        f"run {self.id} did not finish within {timeout_s}s; call wait() again or cancel() it"
+                    )
+                remaining = 0.5 if deadline is None else max(0.0, min(0.5, deadline - now))
+                hint = orch.wait_changed(self.id, remaining)
+        finally:
+            reporter.close()
+        forget = getattr(orch, "forget", None)
+        if forget is not None:
+            forget(self.id)
+        run = Client(settings=self._stack.settings).get_run(self.id)
+        if raise_on_failure:
+            _raise_for(run)
+        return run
+
+    def cancel(self) -> None:
+        """Cancel the run: queued steps are revoked and running ones stopped."""
+        from scheduler.dispatch import cancel_run
+
+        with self._stack.metadata.transaction() as s:
+            rows = cancel_run(s, self.id, now=time.time())
+        self._stack.orchestrator.revoke(rows)
+
+
+def _no_worker_message(queue: str, steps: list[str]) -> str:
+    return (
+        f"step(s) {', '.join(steps[:5])} wait on queue {queue!r}, but no live worker consumes it; "
+        f"start one with `zw worker --queues {queue}`"
+    )
+
+
+def _raise_for(run: RunView) -> None:
+    if run.status == "completed":
+        return
+    if run.status == "cancelled":
+        raise RunCancelledError(f"run {run.id} of pipeline {run.pipeline!r} was cancelled")
+    failed = [s for s in run.steps.values() if s.status == "failed"]
+    if failed:
+        step = failed[0]
+        raise StepFailedError(
+            f"step {step.invocation_id!r} of pipeline {run.pipeline!r} failed in run {run.id}: {step.exception}\n"
+            f"remote traceback:\n{step.traceback}",
+            run_id=run.id,
+            step=step.invocation_id,
+            remote_traceback=step.traceback,
+        )
+    raise RunFailedError(f"run {run.id} of pipeline {run.pipeline!r} failed: {run.message}", run_id=run.id)

@@ -79,149 +79,142 @@ def plan_run(
     window: int = DEFAULT_WINDOW,
     now: float | None = None,
 ) -> list[QueuedStep]:
-    """Record a new run and its steps, resolve cached roots, and return the first tasks to send."""
+    """Record a new run and its steps and return the first tasks to send.
+
+    Cache hits are resolved in memory before anything is written (one lookup
+    per DAG level), so each step row is inserted once, already in its state:
+    a fully cached run costs a handful of statements however deep it is.
+    """
     now = time.time() if now is None else now
     pipeline_id = q.ensure_pipeline(s, spec.name, now)
     q.put_code_blobs(s, code_blobs, now)
-    steps = [
-        {
-            "id": q.new_id(),
-            "invocation_id": st.invocation_id,
-            "step_name": st.name,
-            "position": i,
-            "status": StepStatus.PENDING.value,
-            "queue": st.queue,
-            "attempt": 0,
-            "max_attempts": st.retries + 1,
-            "deps_left": len(st.upstream),
-            "code_hash": st.code_hash,
-            "source_hash": st.source_hash,
-            "logs": "",
-            "exception": "",
-            "traceback": "",
-            "step_metadata": {},
+    by_id, downstream = spec.by_id(), spec.downstream()
+    rows = {
+        st.invocation_id: {
+            "id": q.new_id(), "invocation_id": st.invocation_id, "step_name": st.name, "position": i,
+            "status": StepStatus.PENDING.value, "queue": st.queue, "attempt": 0,
+            "max_attempts": st.retries + 1, "deps_left": len(st.upstream), "code_hash": st.code_hash,
+            "source_hash": st.source_hash, "logs": "", "exception": "", "traceback": "",
+            "step_metadata": {}, "cache_key": None, "cache_ingredients": None, "cached_from_run_id": None,
+            "cached_from_step_run_id": None, "started_at": None, "ended_at": None, "task_id": None,
+            "queued_at": None,
         }
         for i, st in enumerate(spec.steps)
-    ]
+    }
+    produced: dict[tuple[str, str], q.ArtifactRef] = {}
+    edges: list[dict[str, Any]] = []
+    wave = [st.invocation_id for st in spec.steps if not st.upstream]
+    while wave:
+        keyed = {inv: _key(by_id[inv], produced) for inv in wave}
+        hits = q.cache_hits(s, {k for inv, (k, _) in keyed.items() if by_id[inv].enable_cache})
+        next_wave = []
+        for inv in wave:
+            row, (key, ingr) = rows[inv], keyed[inv]
+            row.update(cache_key=key, cache_ingredients=ingr, status=StepStatus.READY.value)
+            hit = hits.get(key) if by_id[inv].enable_cache else None
+            if hit is None or set(hit.outputs) != set(by_id[inv].output_names()):
+                continue
+            row.update(status=StepStatus.CACHED.value, cached_from_run_id=hit.run_id,
+                       cached_from_step_run_id=hit.step_run_id, started_at=now, ended_at=now)
+            for name, art in hit.outputs.items():
+                produced[(inv, name)] = art
+                edges.append(_edge(row["id"], run_id, q.OUTPUT, name, 0, art.id))
+            edges.extend(input_edges(by_id[inv], row["id"], run_id, produced))
+            for d in downstream[inv]:
+                rows[d]["deps_left"] -= 1
+                if rows[d]["deps_left"] == 0:
+                    next_wave.append(d)
+        wave = next_wave
+    queued = []
+    for row in rows.values():
+        if row["status"] == StepStatus.READY.value and len(queued) < window:
+            row.update(status=StepStatus.QUEUED.value, task_id=q.new_id(), queued_at=now)
+            queued.append(_queued_step(q.QueuedRow(row["id"], run_id, row["invocation_id"], row["step_name"],
+                                                   row["queue"], row["task_id"]), spec.name))
+    finished = all(StepStatus(r["status"]).is_terminal() for r in rows.values())
     q.create_run(
         s,
         run={
-            "id": run_id,
-            "pipeline_id": pipeline_id,
-            "pipeline_name": spec.name,
-            "name": run_name,
-            "status": RunStatus.RUNNING.value,
-            "spec": spec.encode(),
-            "config": config,
-            "environment": environment,
-            "user": user,
-            "orchestrator": orchestrator,
-            "steps_total": len(steps),
-            "created_at": now,
-            "message": "",
+            "id": run_id, "pipeline_id": pipeline_id, "pipeline_name": spec.name, "name": run_name,
+            "status": (RunStatus.COMPLETED if finished else RunStatus.RUNNING).value, "spec": spec.encode(),
+            "config": config, "environment": environment, "user": user, "orchestrator": orchestrator,
+            "steps_total": len(rows), "created_at": now, "ended_at": now if finished else None, "message": "",
         },
-        steps=steps,
+        steps=list(rows.values()),
     )
+    q.add_lineage(s, edges)
     SPECS.put(run_id, spec)
-    roots = [st.invocation_id for st in spec.steps if not st.upstream]
-    return _resolve(s, run_id, roots, window=window, now=now)
-
-
-def _resolve(s: Session, run_id: str, unblocked: list[str], *, window: int, now: float) -> list[QueuedStep]:
-    """Settle unblocked steps: link cache hits (cascading), mark the rest ready, fill the window."""
-    spec, by_id, downstream = SPECS.get(s, run_id)
-    wave = unblocked
-    while wave:
-        rows = {r.invocation_id: r for r in q.step_runs(s, run_id, wave)}
-        upstream_ids = {ref.step for inv in wave for i in by_id[inv].inputs for ref in i.refs}
-        produced = q.output_artifacts(s, run_id, upstream_ids)
-        keyed: dict[str, tuple[str, dict[str, Any]]] = {}
-        for inv in wave:
-            step = by_id[inv]
-            hashes = {i.name: [produced[(r.step, r.output)].content_hash for r in i.refs] for i in step.inputs}
-            ingr = cache.ingredients(step, hashes)
-            keyed[inv] = (cache.cache_key(ingr), ingr)
-        hits = _cache_hits(s, {k for inv, (k, _) in keyed.items() if by_id[inv].enable_cache})
-        cached: list[dict[str, Any]] = []
-        ready: list[dict[str, Any]] = []
-        cached_ids: list[str] = []
-        for inv in wave:
-            key, ingr = keyed[inv]
-            row, hit = rows[inv], hits.get(key) if by_id[inv].enable_cache else None
-            if hit is not None and _link_cached(s, by_id[inv], row, hit, produced, now):
-                cached.append({"id": row.id, "status": StepStatus.CACHED.value, "cache_key": key,
-                               "cache_ingredients": ingr, "cached_from_run_id": hit.run_id,
-                               "cached_from_step_run_id": hit.id, "started_at": now, "ended_at": now})
-                cached_ids.append(inv)
-            else:
-                ready.append({"id": row.id, "status": StepStatus.READY.value, "cache_key": key,
-                              "cache_ingredients": ingr})
-        for batch in (cached, ready):
-            if batch:
-                s.execute(update(StepRunRow), batch)
-        wave = []
-        for inv in cached_ids:
-            wave.extend(q.decrement_deps(s, run_id, downstream[inv]))
-    queued = fill_window(s, run_id, spec.name, by_id, window=window, now=now)
-    if not queued:
-        finish_run_if_done(s, run_id, now=now)
     return queued
 
 
-def _cache_hits(s: Session, keys: set[str]) -> dict[str, StepRunRow]:
-    hits: dict[str, StepRunRow] = {}
-    for key in keys:
-        hit = q.find_cache_hit(s, key)
-        if hit is not None:
-            hits[key] = hit
-    return hits
+def _key(step: StepSpec, produced: dict[tuple[str, str], Any]) -> tuple[str, dict[str, Any]]:
+    hashes = {i.name: [produced[(r.step, r.output)].content_hash for r in i.refs] for i in step.inputs}
+    ingr = cache.ingredients(step, hashes)
+    return cache.cache_key(ingr), ingr
 
 
-def _link_cached(
-    s: Session,
-    step: StepSpec,
-    row: StepRunRow,
-    hit: StepRunRow,
-    produced: dict[tuple[str, str], Any],
-    now: float,
-) -> bool:
-    """Link a cache hit's output artifacts (no copies) and this step's inputs; False if outputs are missing."""
-    outputs = {name: art for name, _, art in q.step_artifacts(s, hit.id, q.OUTPUT)}
-    if set(outputs) != set(step.output_names()):
-        return False
-    edges = [
-        {"step_run_id": row.id, "direction": q.OUTPUT, "name": name, "position": 0,
-         "artifact_id": art.id, "run_id": row.run_id}
-        for name, art in outputs.items()
-    ]
-    edges += input_edges(step, row, produced)
-    q.add_lineage(s, edges)
-    return True
+def _edge(step_run_id: str, run_id: str, direction: str, name: str, position: int, artifact_id: str) -> dict[str, Any]:
+    return {"step_run_id": step_run_id, "direction": direction, "name": name, "position": position,
+            "artifact_id": artifact_id, "run_id": run_id}
 
 
-def input_edges(step: StepSpec, row: StepRunRow, produced: dict[tuple[str, str], Any]) -> list[dict[str, Any]]:
+def input_edges(step: StepSpec, step_run_id: str, run_id: str, produced: dict[tuple[str, str], Any]) -> list[dict[str, Any]]:
     """Lineage rows recording which artifacts a step run consumed."""
     return [
-        {"step_run_id": row.id, "direction": q.INPUT, "name": i.name, "position": pos,
-         "artifact_id": produced[(ref.step, ref.output)].id, "run_id": row.run_id}
+        _edge(step_run_id, run_id, q.INPUT, i.name, pos, produced[(ref.step, ref.output)].id)
         for i in step.inputs
         for pos, ref in enumerate(i.refs)
     ]
 
 
-def fill_window(
-    s: Session, run_id: str, pipeline: str, by_id: dict[str, StepSpec], *, window: int, now: float
-) -> list[QueuedStep]:
+def _resolve(s: Session, run_id: str, unblocked: list[str], *, window: int, now: float) -> list[QueuedStep]:
+    """Settle steps just unblocked by a finished step: link cache hits (cascading), mark the rest
+    ready, then fill the run's broker window."""
+    spec, by_id, downstream = SPECS.get(s, run_id)
+    wave = unblocked
+    while wave:
+        ids = {r.invocation_id: r.id for r in q.step_ids(s, run_id, wave)}
+        produced = q.output_artifacts(s, run_id, {ref.step for inv in wave for i in by_id[inv].inputs for ref in i.refs})
+        keyed = {inv: _key(by_id[inv], produced) for inv in wave}
+        hits = q.cache_hits(s, {k for inv, (k, _) in keyed.items() if by_id[inv].enable_cache})
+        cached: list[dict[str, Any]] = []
+        ready: list[dict[str, Any]] = []
+        edges: list[dict[str, Any]] = []
+        next_wave: list[str] = []
+        cached_invs: list[str] = []
+        for inv in wave:
+            key, ingr = keyed[inv]
+            hit = hits.get(key) if by_id[inv].enable_cache else None
+            if hit is None or set(hit.outputs) != set(by_id[inv].output_names()):
+                ready.append({"id": ids[inv], "status": StepStatus.READY.value, "cache_key": key,
+                              "cache_ingredients": ingr})
+                continue
+            cached.append({"id": ids[inv], "status": StepStatus.CACHED.value, "cache_key": key,
+                           "cache_ingredients": ingr, "cached_from_run_id": hit.run_id,
+                           "cached_from_step_run_id": hit.step_run_id, "started_at": now, "ended_at": now})
+            cached_invs.append(inv)
+            edges += [_edge(ids[inv], run_id, q.OUTPUT, n, 0, a.id) for n, a in hit.outputs.items()]
+            edges += input_edges(by_id[inv], ids[inv], run_id, produced)
+        for batch in (cached, ready):
+            if batch:
+                s.execute(update(StepRunRow), batch)
+        q.add_lineage(s, edges)
+        for inv in cached_invs:
+            next_wave.extend(q.decrement_deps(s, run_id, downstream[inv]))
+        wave = next_wave
+    queued = fill_window(s, run_id, spec.name, window=window, now=now)
+    if not queued:
+        finish_run_if_done(s, run_id, now=now)
+    return queued
+
+
+def fill_window(s: Session, run_id: str, pipeline: str, *, window: int, now: float) -> list[QueuedStep]:
     """Queue ready steps of a run until ``window`` of them are on the broker or running."""
     free = window - q.count_in_flight(s, run_id)
-    return [
-        _queued_step(row, pipeline)
-        for row in q.queue_ready(s, run_id, free, now)
-    ]
+    return [_queued_step(row, pipeline) for row in q.queue_ready(s, run_id, free, now)]
 
 
-def _queued_step(row: StepRunRow, pipeline: str) -> QueuedStep:
-    assert row.task_id is not None
+def _queued_step(row: Any, pipeline: str) -> QueuedStep:
     task = StepTask(run_id=row.run_id, step_run_id=row.id, invocation_id=row.invocation_id, pipeline=pipeline)
     return QueuedStep(task=task, queue=row.queue, task_id=row.task_id, step_name=row.step_name)
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import Row, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from stores.errors import NotFoundError
@@ -29,6 +30,46 @@ from stores.metadata.states import UNSTARTED, RunStatus, StepStatus
 
 INPUT = "input"
 OUTPUT = "output"
+
+STEPS = StepRunRow.__table__
+LINEAGE = LineageRow.__table__
+ARTIFACTS = ArtifactRow.__table__
+
+_QUEUE_READY = (
+    update(STEPS)
+    .where(STEPS.c.id == bindparam("_id"), STEPS.c.status == StepStatus.READY.value)
+    .values(status=StepStatus.QUEUED.value, task_id=bindparam("_task_id"), queued_at=bindparam("_now"))
+)
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """An artifact's id and content hash: all a cache decision needs."""
+
+    id: str
+    content_hash: str
+
+
+@dataclass
+class CacheHit:
+    step_run_id: str
+    run_id: str
+    ended_at: float
+    outputs: dict[str, ArtifactRef]
+
+
+@dataclass(frozen=True)
+class QueuedRow:
+    id: str
+    run_id: str
+    invocation_id: str
+    step_name: str
+    queue: str
+    task_id: str
+
+
+def _with_task(r: Row[Any], task_id: str) -> QueuedRow:
+    return QueuedRow(r.id, r.run_id, r.invocation_id, r.step_name, r.queue, task_id)
 
 
 def new_id() -> str:
@@ -133,6 +174,15 @@ def step_runs(s: Session, run_id: str, invocation_ids: Iterable[str] | None = No
     return list(s.execute(q).scalars())
 
 
+def step_ids(s: Session, run_id: str, invocation_ids: Iterable[str]) -> list[Row[Any]]:
+    """(id, invocation_id) of the given invocations of a run."""
+    return s.execute(
+        select(STEPS.c.id, STEPS.c.invocation_id).where(
+            STEPS.c.run_id == run_id, STEPS.c.invocation_id.in_(list(invocation_ids))
+        )
+    ).all()
+
+
 def get_step_run(s: Session, step_run_id: str) -> StepRunRow:
     row = s.get(StepRunRow, step_run_id)
     if row is None:
@@ -150,26 +200,18 @@ def status_counts(s: Session, run_id: str) -> dict[str, int]:
 def decrement_deps(s: Session, run_id: str, invocation_ids: Sequence[str]) -> list[str]:
     """Count one finished upstream for each of ``invocation_ids``; return those now unblocked.
 
-    Row locks serialise concurrent finishers, so exactly one of them sees a
-    step reach zero and is the one to move it on (see :func:`mark_ready`).
+    One ``UPDATE ... RETURNING``: row locks serialise concurrent finishers, so
+    exactly one of them sees a step reach zero and moves it on.
     """
     if not invocation_ids:
         return []
-    s.execute(
-        update(StepRunRow)
-        .where(StepRunRow.run_id == run_id, StepRunRow.invocation_id.in_(invocation_ids))
-        .values(deps_left=StepRunRow.deps_left - 1)
+    rows = s.execute(
+        update(STEPS)
+        .where(STEPS.c.run_id == run_id, STEPS.c.invocation_id.in_(list(invocation_ids)))
+        .values(deps_left=STEPS.c.deps_left - 1)
+        .returning(STEPS.c.invocation_id, STEPS.c.deps_left, STEPS.c.status)
     )
-    return list(
-        s.execute(
-            select(StepRunRow.invocation_id).where(
-                StepRunRow.run_id == run_id,
-                StepRunRow.invocation_id.in_(invocation_ids),
-                StepRunRow.deps_left == 0,
-                StepRunRow.status == StepStatus.PENDING.value,
-            )
-        ).scalars()
-    )
+    return [inv for inv, left, status in rows if left == 0 and status == StepStatus.PENDING.value]
 
 
 def transition(
@@ -185,25 +227,22 @@ def transition(
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
-def queue_ready(s: Session, run_id: str, limit: int, now: float) -> list[StepRunRow]:
-    """Move up to ``limit`` ready steps of a run onto the broker window, oldest position first."""
+def queue_ready(s: Session, run_id: str, limit: int, now: float) -> list[Row[Any]]:
+    """Move up to ``limit`` ready steps of a run onto the broker window, lowest position first."""
     if limit <= 0:
         return []
-    rows = list(
-        s.execute(
-            select(StepRunRow)
-            .where(StepRunRow.run_id == run_id, StepRunRow.status == StepStatus.READY.value)
-            .order_by(StepRunRow.position)
-            .limit(limit)
-        ).scalars()
-    )
-    queued = []
-    for row in rows:
-        task_id = new_id()
-        if transition(s, row.id, StepStatus.READY, StepStatus.QUEUED, queued_at=now, task_id=task_id):
-            row.status, row.queued_at, row.task_id = StepStatus.QUEUED.value, now, task_id
-            queued.append(row)
-    return queued
+    rows = s.execute(
+        select(STEPS.c.id, STEPS.c.run_id, STEPS.c.invocation_id, STEPS.c.step_name, STEPS.c.queue)
+        .where(STEPS.c.run_id == run_id, STEPS.c.status == StepStatus.READY.value)
+        .order_by(STEPS.c.position)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
+        return []
+    params = [{"_id": r.id, "_task_id": new_id(), "_now": now} for r in rows]
+    s.connection().execute(_QUEUE_READY, params)
+    return [_with_task(r, p["_task_id"]) for r, p in zip(rows, params, strict=True)]
 
 
 def count_in_flight(s: Session, run_id: str) -> int:
@@ -231,7 +270,7 @@ def claim(
         .where(RunRow.id == StepRunRow.run_id, RunRow.status == RunStatus.RUNNING.value)
         .exists()
     )
-    res = s.execute(
+    return s.execute(
         update(StepRunRow)
         .where(StepRunRow.id == step_run_id, StepRunRow.status == StepStatus.QUEUED.value, run_alive)
         .values(
@@ -242,10 +281,9 @@ def claim(
             worker_host=host,
             worker_pid=pid,
         )
-    )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    return s.execute(select(StepRunRow).where(StepRunRow.id == step_run_id)).scalar_one()
+        .returning(StepRunRow)
+        .execution_options(synchronize_session=False)
+    ).scalar()
 
 
 def finish_attempt(
@@ -331,14 +369,30 @@ def waiting_queues(s: Session, run_id: str | None = None) -> dict[str, list[tupl
 # -- caching --------------------------------------------------------------------------------
 
 
-def find_cache_hit(s: Session, cache_key: str) -> StepRunRow | None:
-    """The newest completed (not cached) step run with this cache key."""
-    return s.execute(
-        select(StepRunRow)
-        .where(StepRunRow.cache_key == cache_key, StepRunRow.status == StepStatus.COMPLETED.value)
-        .order_by(StepRunRow.ended_at.desc())
-        .limit(1)
-    ).scalar()
+def cache_hits(s: Session, keys: Iterable[str]) -> dict[str, CacheHit]:
+    """The newest completed (never cached) step run for each cache key, with its outputs."""
+    keys = list(keys)
+    if not keys:
+        return {}
+    rows = s.execute(
+        select(
+            STEPS.c.cache_key, STEPS.c.id, STEPS.c.run_id, STEPS.c.ended_at,
+            LINEAGE.c.name, ARTIFACTS.c.id.label("artifact_id"), ARTIFACTS.c.content_hash,
+        )
+        .select_from(
+            STEPS.outerjoin(LINEAGE, and_(LINEAGE.c.step_run_id == STEPS.c.id, LINEAGE.c.direction == OUTPUT))
+            .outerjoin(ARTIFACTS, ARTIFACTS.c.id == LINEAGE.c.artifact_id)
+        )
+        .where(STEPS.c.cache_key.in_(keys), STEPS.c.status == StepStatus.COMPLETED.value)
+    ).all()
+    hits: dict[str, CacheHit] = {}
+    for r in rows:
+        hit = hits.get(r.cache_key)
+        if hit is None or (hit.step_run_id != r.id and (r.ended_at or 0) > hit.ended_at):
+            hit = hits[r.cache_key] = CacheHit(r.id, r.run_id, r.ended_at or 0.0, {})
+        if hit.step_run_id == r.id and r.name is not None:
+            hit.outputs[r.name] = ArtifactRef(r.artifact_id, r.content_hash)
+    return hits
 
 
 def previous_step_runs(
@@ -374,20 +428,20 @@ def add_lineage(s: Session, edges: Sequence[dict[str, Any]]) -> None:
         s.execute(insert(LineageRow), list(edges))
 
 
-def output_artifacts(
-    s: Session, run_id: str, invocation_ids: Iterable[str]
-) -> dict[tuple[str, str], ArtifactRow]:
-    """Outputs of the given invocations of a run: ``{(invocation_id, output_name): artifact}``."""
+def output_artifacts(s: Session, run_id: str, invocation_ids: Iterable[str]) -> dict[tuple[str, str], Row[Any]]:
+    """Outputs of the given invocations of a run: ``{(invocation_id, output_name): artifact row}``."""
     ids = list(invocation_ids)
     if not ids:
         return {}
     rows = s.execute(
-        select(StepRunRow.invocation_id, LineageRow.name, ArtifactRow)
-        .join(LineageRow, and_(LineageRow.step_run_id == StepRunRow.id, LineageRow.direction == OUTPUT))
-        .join(ArtifactRow, ArtifactRow.id == LineageRow.artifact_id)
-        .where(StepRunRow.run_id == run_id, StepRunRow.invocation_id.in_(ids))
+        select(STEPS.c.invocation_id.label("_inv"), LINEAGE.c.name.label("_out"), ARTIFACTS)
+        .select_from(
+            STEPS.join(LINEAGE, and_(LINEAGE.c.step_run_id == STEPS.c.id, LINEAGE.c.direction == OUTPUT))
+            .join(ARTIFACTS, ARTIFACTS.c.id == LINEAGE.c.artifact_id)
+        )
+        .where(STEPS.c.run_id == run_id, STEPS.c.invocation_id.in_(ids))
     )
-    return {(inv, name): art for inv, name, art in rows}
+    return {(r._inv, r._out): r for r in rows}
 
 
 def step_artifacts(s: Session, step_run_id: str, direction: str) -> list[tuple[str, int, ArtifactRow]]:

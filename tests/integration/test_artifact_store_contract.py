@@ -377,3 +377,19 @@ def test_s3_store_unreachable_endpoint_fails_check(s3_server: S3Server) -> None:
         )
         with pytest.raises(ArtifactStoreError, match="ZW_S3_ENDPOINT_URL"):
             store.check()
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("size_bytes", [10, PART_SIZE_BYTES + 1], ids=["small", "multipart"])
+def test_s3_store_without_conditional_writes_still_refuses_overwrite(
+    s3_server: S3Server, size_bytes: int
+) -> None:
+    store = _s3_store(s3_server, f"s3://{s3_server.make_bucket()}/p")
+    assert isinstance(store, S3ArtifactStore)
+    store.conditional_writes = False  # as after a server answered If-None-Match with NotImplemented
+    first = store.put_bytes("runs/r/s/1/once", os.urandom(size_bytes))
+
+    with pytest.raises(ArtifactStoreError, match="already exists"):
+        store.put_bytes("runs/r/s/1/once", b"second")
+    assert store.get_bytes(first.uri) != b"second"
+    assert store.get_bytes(first.uri) == store.get_bytes(first.uri)

@@ -8,6 +8,7 @@ import time; the fixtures in the sibling modules call it lazily.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -162,7 +163,8 @@ class ServiceProcess:
                 cwd=self.cwd,
                 start_new_session=True,
                 user=self.user,
-                group=self.user,
+                group=pwd.getpwnam(self.user).pw_gid if self.user is not None else None,
+                # Drop root's supplementary groups along with its uid.
                 extra_groups=[] if self.user is not None else None,
             )
         return self

@@ -241,6 +241,44 @@ def test_numpy_materializer_streams_large_arrays_in_chunks() -> None:
     np.testing.assert_array_equal(loaded, arr)
 
 
+class CountingSink:
+    """A writer that keeps only a byte count, so memory measurements see the materializer alone."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.size += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+
+def test_numpy_materializer_never_holds_a_second_full_copy() -> None:
+    np = pytest.importorskip("numpy")
+    import tracemalloc
+
+    arr = np.ones(8 * 1024 * 1024, dtype=np.float64)  # 64 MiB, four write chunks
+    writer = WriteOnlyStream()
+    NumpyMaterializer().save(arr, writer)  # type: ignore[arg-type]
+    data = writer.getvalue()
+    del writer
+
+    tracemalloc.start()
+    try:
+        NumpyMaterializer().save(arr, CountingSink())  # type: ignore[arg-type]
+        _, save_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        loaded = NumpyMaterializer().load(ReadOnlyStream(data), np.ndarray)  # type: ignore[arg-type]
+        _, load_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert save_peak < arr.nbytes // 2  # chunks of 16 MiB, not a 64 MiB copy
+    assert load_peak < arr.nbytes * 5 // 4  # the result plus one read buffer
+    np.testing.assert_array_equal(loaded, arr)
+
+
 def test_numpy_materializer_returns_scalars_as_scalars() -> None:
     np = pytest.importorskip("numpy")
     loaded, _, _ = round_trip(NumpyMaterializer, np.float32(2.5))

@@ -14,7 +14,6 @@ import contextlib
 import contextvars
 import heapq
 import inspect
-import itertools
 import json
 import types
 from collections.abc import Iterator
@@ -35,7 +34,6 @@ __all__ = ["BuildContext", "StepOutput", "StepOutputs", "build_context", "curren
 _CURRENT: contextvars.ContextVar[BuildContext | None] = contextvars.ContextVar(
     "zenml_workers_build", default=None
 )
-_BUILD_IDS = itertools.count(1)
 _NO_OUTPUT_HINT = (
     "; if it comes from a step that returns nothing (-> None), that step has no output to "
     "pass, so give it a return annotation or order the steps with after= instead"
@@ -83,9 +81,6 @@ class StepOutputs(tuple, StepOutput):  # type: ignore[type-arg]
     def __repr__(self) -> str:
         return f"StepOutputs({self.invocation_id!r}, {[o.output_name for o in self]!r})"
 
-    def __iter__(self) -> Iterator[StepOutput]:
-        return tuple.__iter__(self)
-
     def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
         if isinstance(key, str):
             for out in self:
@@ -121,7 +116,6 @@ class BuildContext:
         self.pipeline_name = pipeline_name
         self.enable_cache = enable_cache
         self.settings = dict(settings or {})
-        self.build_id = next(_BUILD_IDS)
         self.invocations: dict[str, Invocation] = {}
         self._name_counts: dict[str, int] = {}
 
@@ -185,23 +179,24 @@ class BuildContext:
                 f"to fan them in",
             )
         if isinstance(value, StepOutput):
-            self._check_ours(inv.id, f"input '{name}'", value)
-            if not types_compatible(value.type, annotation):
-                raise self.error(
-                    inv.id,
-                    f"input '{name}' expects {_type_name(annotation)} but output "
-                    f"'{value.output_name}' of step '{value.invocation_id}' is "
-                    f"{_type_name(value.type)}; fix the annotation of one of them",
-                )
-            inv.inputs.append(
-                InputSpec(name, (InputRef(value.invocation_id, value.output_name or ""),))
-            )
-            inv.data_upstream.add(value.invocation_id)
+            inv.inputs.append(InputSpec(name, (self._ref(inv, name, value, annotation),)))
             return
         if isinstance(value, (list, tuple)) and any(isinstance(v, StepOutput) for v in value):
             self._bind_fan_in(inv, name, value, annotation)
             return
         inv.parameters[name] = self._parameter(inv, name, value, annotation)
+
+    def _ref(self, inv: Invocation, name: str, out: StepOutput, expected: Any) -> InputRef:
+        """Check one upstream output against the input it feeds and record the edge."""
+        self._check_ours(inv.id, f"input '{name}'", out)
+        if not types_compatible(out.type, expected):
+            raise self.error(
+                inv.id,
+                f"input '{name}' expects {_type_name(expected)} but output '{out.output_name}' "
+                f"of step '{out.invocation_id}' is {_type_name(out.type)}; fix one annotation",
+            )
+        inv.data_upstream.add(out.invocation_id)
+        return InputRef(out.invocation_id, out.output_name or "")
 
     def _bind_fan_in(self, inv: Invocation, name: str, values: Any, annotation: Any) -> None:
         if not types_compatible(list, get_origin(annotation) or annotation):
@@ -220,16 +215,7 @@ class BuildContext:
                     f"input '{name}' mixes step outputs with other values (item {i} is {v!r}); "
                     f"pass a list made only of single step outputs{hint}",
                 )
-            self._check_ours(inv.id, f"input '{name}'", v)
-            if args and not types_compatible(v.type, args[0]):
-                raise self.error(
-                    inv.id,
-                    f"input '{name}' expects items of {_type_name(args[0])} but output "
-                    f"'{v.output_name}' of step '{v.invocation_id}' is {_type_name(v.type)}; "
-                    f"fix the annotation of one of them",
-                )
-            refs.append(InputRef(v.invocation_id, v.output_name or ""))
-            inv.data_upstream.add(v.invocation_id)
+            refs.append(self._ref(inv, name, v, args[0] if args else Any))
         inv.inputs.append(InputSpec(name, tuple(refs), is_list=True))
 
     def _parameter(self, inv: Invocation, name: str, value: Any, annotation: Any) -> Any:
@@ -337,6 +323,8 @@ class BuildContext:
             )
         cycle = path[path.index(node) :]
         cycle.reverse()  # walked against the edges; show the order things would run in
+        first = cycle.index(min(cycle, key=lambda i: self.invocations[i].order))
+        cycle = cycle[first:] + cycle[:first]
         shown = " -> ".join([*cycle, cycle[0]])
         return self.error(
             cycle[0],
@@ -344,13 +332,13 @@ class BuildContext:
             f"dependencies",
         )
 
-    def topological_order(self) -> list[str]:
+    def topological_order(self, ups: dict[str, set[str]] | None = None) -> list[str]:
         """Invocation ids in dependency order, ties broken by call order.
 
         Raises:
             PipelineDefinitionError: for an unknown ``after=`` id or a cycle.
         """
-        ups = self._upstream()
+        ups = self._upstream() if ups is None else ups
         waiting = {i: len(deps) for i, deps in ups.items()}
         downstream: dict[str, list[str]] = {i: [] for i in ups}
         for i, deps in ups.items():
@@ -379,7 +367,7 @@ class BuildContext:
         ups = self._upstream()
         specs: list[StepSpec] = []
         code: dict[str, CodeBlob] = {}
-        for inv_id in self.topological_order():
+        for inv_id in self.topological_order(ups):
             inv = self.invocations[inv_id]
             step = inv.step
             cfg = step.config
@@ -389,7 +377,7 @@ class BuildContext:
                 queue = resolve_queue(cfg.step_type, cfg.queue, cfg.resources, merged)
             except (TypeError, ValueError) as e:
                 raise self.error(inv_id, f"its settings are invalid ({e})") from e
-            blob = step.code_blob()
+            blob, inherit = step.code_blob(), self.enable_cache
             code.setdefault(blob.code_hash, blob)
             specs.append(
                 StepSpec(
@@ -403,9 +391,7 @@ class BuildContext:
                     outputs=step.output_specs(),
                     queue=queue,
                     step_type=cfg.step_type,
-                    enable_cache=self.enable_cache
-                    if cfg.enable_cache is None
-                    else cfg.enable_cache,
+                    enable_cache=inherit if cfg.enable_cache is None else cfg.enable_cache,
                     retries=cfg.retries,
                     timeout_s=cfg.timeout_s,
                     settings=settings,

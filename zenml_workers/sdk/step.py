@@ -259,7 +259,7 @@ class Step:
         Raises:
             StepDefinitionError: when an option is invalid.
         """
-        changes = {
+        changes: dict[str, Any] = {
             k: v
             for k, v in {
                 "enable_cache": enable_cache,

@@ -164,7 +164,7 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
             {"step_run_id": row.id, "direction": q.OUTPUT, "name": a["name"], "position": 0,
              "artifact_id": a["id"], "run_id": row.run_id}
             for a in artifacts
-        ] + dispatch.input_edges(step, row, produced)
+        ] + dispatch.input_edges(step, row.id, row.run_id, produced)
         with ctx.metadata.transaction() as s:
             follow = dispatch.step_succeeded(
                 s, row, attempt=attempt, artifacts=artifacts, edges=edges, values=values,

@@ -289,12 +289,13 @@ def fail_run(s: Session, run_id: str, message: str, *, now: float) -> None:
         q.stop_unstarted(s, run_id, StepStatus.SKIPPED, now)
 
 
-def cancel_run(s: Session, run_id: str, *, now: float) -> list[StepRunRow]:
-    """Cancel a running run; return the step runs that were queued or running (to revoke)."""
+def cancel_run(s: Session, run_id: str, *, now: float) -> tuple[list[str], list[str]]:
+    """Cancel a running run; return the task ids of its (queued, running) attempts, to revoke."""
     if not q.set_run_status(s, run_id, RunStatus.CANCELLED, now=now, message="cancelled by user"):
-        return []
-    stopped = [r for r in q.stop_unstarted(s, run_id, StepStatus.CANCELLED, now) if r.status == StepStatus.QUEUED.value]
+        return [], []
+    unstarted = q.stop_unstarted(s, run_id, StepStatus.CANCELLED, now)
+    queued = [r.task_id for r in unstarted if r.task_id]
     running = [r for r in q.step_runs(s, run_id) if r.status == StepStatus.RUNNING.value]
     for r in running:
         q.transition(s, r.id, StepStatus.RUNNING, StepStatus.CANCELLED, ended_at=now, lease_expires_at=None)
-    return stopped + running
+    return queued, [r.task_id for r in running if r.task_id]

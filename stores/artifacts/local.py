@@ -110,10 +110,7 @@ class _LocalWriter(ArtifactWriter):
 
     def _abort(self) -> None:
         self._file.close()
-        try:
-            os.unlink(self._tmp)
-        except FileNotFoundError:
-            pass
+        self._tmp.unlink(missing_ok=True)
 
 
 class LocalArtifactStore(ArtifactStore):

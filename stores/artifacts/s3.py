@@ -153,7 +153,9 @@ class _S3Writer(ArtifactWriter):
             self._store.client.abort_multipart_upload(
                 Bucket=self._store.bucket, Key=self._key, UploadId=upload_id
             )
-        except _boto_errors() as e:  # the original error matters more; the server expires the upload
+        except (
+            _boto_errors()
+        ) as e:  # the original error matters more; the server expires the upload
             logger.warning("Could not abort multipart upload %s of %s: %s", upload_id, self._uri, e)
 
 

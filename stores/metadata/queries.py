@@ -315,22 +315,15 @@ def extend_lease(s: Session, step_run_id: str, attempt: int, until: float) -> bo
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
-def stop_unstarted(s: Session, run_id: str, new: StepStatus, now: float) -> list[StepRunRow]:
-    """Mark every not-yet-running step of a run ``new`` (skipped or cancelled); return them."""
-    rows = list(
-        s.execute(
-            select(StepRunRow).where(
-                StepRunRow.run_id == run_id, StepRunRow.status.in_([u.value for u in UNSTARTED])
-            )
-        ).scalars()
-    )
-    if rows:
-        s.execute(
-            update(StepRunRow)
-            .where(StepRunRow.id.in_([r.id for r in rows]), StepRunRow.status.in_([u.value for u in UNSTARTED]))
-            .values(status=new.value, ended_at=now)
-        )
-    return rows
+def stop_unstarted(s: Session, run_id: str, new: StepStatus, now: float) -> list[Row[Any]]:
+    """Mark every not-yet-running step of a run ``new`` (skipped or cancelled); return (id, task_id) of them."""
+    unstarted = [u.value for u in UNSTARTED]
+    return s.execute(
+        update(STEPS)
+        .where(STEPS.c.run_id == run_id, STEPS.c.status.in_(unstarted))
+        .values(status=new.value, ended_at=now)
+        .returning(STEPS.c.id, STEPS.c.task_id)
+    ).all()
 
 
 def expired_leases(s: Session, now: float) -> list[StepRunRow]:

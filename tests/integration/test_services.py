@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import uuid
@@ -28,8 +27,21 @@ def test_service_process_stop_kills_the_whole_process_group(tmp_path: Path) -> N
 
     process.stop(timeout_s=5)
 
-    with pytest.raises(ProcessLookupError):
-        os.killpg(process.pid, 0)
+    # SIGKILL is delivered asynchronously and an orphan stays a zombie until init reaps it.
+    wait_until(lambda: not _live_group_members(process.pid), 10, "the process group to die")
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state not in {"Z", "X"}:
+            live.append(int(stat.parent.name))
+    return live
 
 
 def test_service_process_wait_reports_exit_and_log_tail(tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ class FlowerServer:
 
     def event_workers(self) -> set[str]:
         """Return the hostnames of workers Flower knows from their events (heartbeats)."""
-        payload = self.get_json("/dashboard?json=1")
+        payload = self.get_json("/workers?json=1")
         return {str(worker["hostname"]) for worker in payload.get("data", [])}
 
     def wait_for_worker(self, hostname: str, timeout_s: float = 30.0) -> None:

@@ -9,6 +9,7 @@ is killed, with its process group, at the end.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -182,10 +183,8 @@ def _wait_ready(proc: subprocess.Popen[bytes], server: S3Server, log: Path) -> N
 
 def _stop(proc: subprocess.Popen[bytes], ports: list[int]) -> None:
     """Kill the server's process group and remove the sockets it leaves in /tmp."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # disposable data: no graceful 4 s shutdown
-    except ProcessLookupError:
-        pass
     proc.wait(timeout=30)
     for port in ports:
         for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import subprocess
 import sys
@@ -20,7 +21,6 @@ from zenml_workers.sdk.materializers.registry import (
     type_path,
 )
 from zenml_workers.sdk.resources import Resources, ResourceSettings
-from zenml_workers.sdk.source import code_blob
 from zenml_workers.sdk.step import Step, step, trainer
 
 
@@ -392,11 +392,72 @@ def test_step_code_blob_importable_function_pickles_by_reference() -> None:
     assert fn(2, 3) == 5
 
 
-def test_step_code_blob_load_refuses_changed_source() -> None:
-    fn = basic.add.entrypoint
-    stale = code_blob(fn, "add", basic.add.source, "sha256:" + "0" * 64)
+def test_step_code_blob_load_refuses_changed_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module_name = "zw_edited_step_module"
+    path = tmp_path / f"{module_name}.py"
+    path.write_text(_step_source("@step", "x + 1"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.delitem(sys.modules, module_name, raising=False)
+    blob = importlib.import_module(module_name).f.code_blob()
+    assert cloudpickle.loads(blob.pickled)(1) == 2
+
+    # A worker that imports an edited copy of the module must refuse the old blob.
+    path.write_text(_step_source("@step", "x + 1000"))
+    del sys.modules[module_name]
+    importlib.invalidate_caches()
     with pytest.raises(ExecutionError, match="differs from the one the pipeline was built with"):
-        cloudpickle.loads(stale.pickled)
+        cloudpickle.loads(blob.pickled)
+    assert importlib.import_module(module_name).f.code_blob().code_hash != blob.code_hash
+
+
+def test_step_code_blob_load_reports_unimportable_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module_name = "zw_vanishing_step_module"
+    (tmp_path / f"{module_name}.py").write_text(_step_source("@step", "x"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    blob = importlib.import_module(module_name).f.code_blob()
+    (tmp_path / f"{module_name}.py").unlink()
+    del sys.modules[module_name]
+    importlib.invalidate_caches()
+    with pytest.raises(ExecutionError, match="cannot import step function"):
+        cloudpickle.loads(blob.pickled)
+
+
+def test_source_bytecode_hash_ignores_hash_seed(tmp_path: Path) -> None:
+    # A set literal compiles to a frozenset constant whose order follows the hash seed.
+    (tmp_path / "zw_seeded.py").write_text(
+        "def pick(x: str) -> bool:\n"
+        "    return x in {'alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta'}\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    script = (
+        "import zw_seeded; from zenml_workers.sdk.source import bytecode_hash; "
+        "print(bytecode_hash(zw_seeded.pick))"
+    )
+    hashes = set()
+    for seed in ("1", "2", "3", "4"):
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env={
+                "PYTHONPATH": f"{root}:{tmp_path}",
+                "PATH": "/usr/bin:/bin",
+                "PYTHONHASHSEED": seed,
+            },
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        hashes.add(done.stdout.strip())
+    assert len(hashes) == 1
+    assert hashes.pop().startswith("sha256-code:")
 
 
 def test_step_code_blob_local_function_pickles_by_value() -> None:

@@ -6,7 +6,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 from scheduler.dispatch import QueuedStep
-from stores.metadata.models import StepRunRow
 from stores.metadata.store import MetadataStore
 from zenml_workers.settings import Settings
 
@@ -32,8 +31,8 @@ class Orchestrator(ABC):
         """Block until the run may have ended (True) or ``timeout_s`` passes (False)."""
 
     @abstractmethod
-    def revoke(self, rows: Sequence[StepRunRow]) -> None:
-        """Stop queued or running attempts of a cancelled run (best effort)."""
+    def revoke(self, queued: Sequence[str], running: Sequence[str]) -> None:
+        """Stop queued and running attempts (by task id) of a cancelled run (best effort)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release processes and connections."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from scheduler.dispatch import QueuedStep
-from stores.metadata.models import StepRunRow
 from stores.metadata.store import MetadataStore
 from zenml_workers.orchestrators.base import Orchestrator
 from zenml_workers.orchestrators.pool import LocalPool, RunTracker
@@ -63,7 +62,7 @@ class LocalOrchestrator(Orchestrator):
     def forget(self, run_id: str) -> None:
         self._trackers.pop(run_id, None)
 
-    def revoke(self, rows: Sequence[StepRunRow]) -> None:
+    def revoke(self, queued: Sequence[str], running: Sequence[str]) -> None:
         # Queued pool items find their run cancelled when they try to claim and
         # drop themselves; running ones finish, and their commit is refused.
         return None

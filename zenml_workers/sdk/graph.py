@@ -29,7 +29,17 @@ if TYPE_CHECKING:
     from zenml_workers.sdk.source import CodeBlob
     from zenml_workers.sdk.step import Step
 
-__all__ = ["BuildContext", "StepOutput", "StepOutputs", "build_context", "current_build"]
+__all__ = [
+    "BuildContext",
+    "StepOutput",
+    "StepOutputs",
+    "admits_none",
+    "build_context",
+    "current_build",
+    "describe_type",
+    "types_compatible",
+    "value_matches",
+]
 
 _CURRENT: contextvars.ContextVar[BuildContext | None] = contextvars.ContextVar(
     "zenml_workers_build", default=None
@@ -192,8 +202,8 @@ class BuildContext:
         if not types_compatible(out.type, expected):
             raise self.error(
                 inv.id,
-                f"input '{name}' expects {_type_name(expected)} but output '{out.output_name}' "
-                f"of step '{out.invocation_id}' is {_type_name(out.type)}; fix one annotation",
+                f"input '{name}' expects {describe_type(expected)} but output '{out.output_name}' "
+                f"of step '{out.invocation_id}' is {describe_type(out.type)}; fix one annotation",
             )
         inv.data_upstream.add(out.invocation_id)
         return InputRef(out.invocation_id, out.output_name or "")
@@ -202,7 +212,7 @@ class BuildContext:
         if not types_compatible(list, get_origin(annotation) or annotation):
             raise self.error(
                 inv.id,
-                f"input '{name}' expects {_type_name(annotation)} but receives a list of step "
+                f"input '{name}' expects {describe_type(annotation)} but receives a list of step "
                 f"outputs; annotate it as list[...]",
             )
         args = get_args(annotation) if get_origin(annotation) is list else ()
@@ -236,8 +246,8 @@ class BuildContext:
                 hint = _NO_OUTPUT_HINT if value is None else ""
                 raise self.error(
                     inv.id,
-                    f"parameter '{name}' expects {_type_name(annotation)} but got "
-                    f"{type(value).__name__} {value!r}; pass a {_type_name(annotation)}{hint}",
+                    f"parameter '{name}' expects {describe_type(annotation)} but got "
+                    f"{type(value).__name__} {value!r}; pass a {describe_type(annotation)}{hint}",
                 )
         return normalised
 
@@ -403,7 +413,8 @@ class BuildContext:
 # -- annotation checks ---------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
+def describe_type(tp: Any) -> str:
+    """A short human name for an annotation: ``int``, ``list[int]``, ``Optional[Model]``."""
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")

@@ -22,6 +22,7 @@ from zenml_workers.sdk.graph import (
     admits_none,
     build_context,
     current_build,
+    describe_type,
     value_matches,
 )
 from zenml_workers.sdk.resources import settings_to_json
@@ -187,9 +188,10 @@ class Pipeline:
             if ok is None and value is None:
                 ok = admits_none(annotation) or p.default is None
             if ok is False and not (value is None and p.default is None):
+                expected = describe_type(annotation)
                 raise PipelineDefinitionError(
-                    f"pipeline '{self.name}', parameter '{name}' expects {annotation} but got "
-                    f"{type(value).__name__} {value!r}; pass a value of that type"
+                    f"pipeline '{self.name}', parameter '{name}' expects {expected} but got "
+                    f"{type(value).__name__} {value!r}; pass a {expected}"
                 )
             values[name] = value
         return values, recorded

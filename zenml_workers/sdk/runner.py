@@ -211,8 +211,8 @@ class RunHandle:
         from scheduler.dispatch import cancel_run
 
         with self._stack.metadata.transaction() as s:
-            rows = cancel_run(s, self.id, now=time.time())
-        self._stack.orchestrator.revoke(rows)
+            queued, running = cancel_run(s, self.id, now=time.time())
+        self._stack.orchestrator.revoke(queued, running)
 
 
 def _no_worker_message(queue: str, steps: list[str]) -> str:

@@ -7,7 +7,7 @@ the code object's bytecode, constants and names instead.
 
 The *code blob* is what a worker loads to run the step: the raw function,
 pickled with cloudpickle. A function that lives at the top level of an
-importable module is pickled *by reference* (module, qualified name and source
+importable module is pickled *by reference* (module, qualified name and bytecode
 hash), so workers import the same code the client used and refuse to run a
 different version of it; anything else (``__main__``, functions defined inside
 functions) is pickled by value, which cloudpickle does by itself.
@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import inspect
 import io
+import sys
 import textwrap
 import types
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from typing import Any
 
 from zenml_workers.errors import ExecutionError
 
-__all__ = ["CodeBlob", "code_blob", "function_source", "source_hash"]
+__all__ = ["CodeBlob", "bytecode_hash", "code_blob", "function_source", "source_hash"]
 
 #: Prefix of hashes computed from source text.
 SOURCE_PREFIX = "sha256:"
@@ -65,15 +66,38 @@ def function_source(fn: Callable[..., Any]) -> str:
     return text
 
 
+def _const_text(const: Any) -> str:
+    """A stable text for a code constant (frozensets are unordered, so sort their items)."""
+    if isinstance(const, frozenset):
+        return "frozenset(" + ",".join(sorted(_const_text(c) for c in const)) + ")"
+    if isinstance(const, tuple):
+        return "(" + ",".join(_const_text(c) for c in const) + ")"
+    return repr(const)
+
+
 def _hash_code(code: types.CodeType, h: Any) -> None:
     h.update(code.co_code)
-    h.update(repr(code.co_names).encode())
-    h.update(repr(code.co_varnames).encode())
+    h.update(repr((code.co_names, code.co_varnames, code.co_freevars)).encode())
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             _hash_code(const, h)
         else:
-            h.update(repr(const).encode())
+            h.update(_const_text(const).encode())
+
+
+def bytecode_hash(fn: Callable[..., Any]) -> str:
+    """``"sha256-code:<hex>"`` of ``fn``'s bytecode, names and constants, recursively.
+
+    Equal for the same code under the same Python minor version, whatever the
+    file path, line numbers or hash seed.
+    """
+    h = hashlib.sha256()
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        _hash_code(code, h)
+    else:
+        h.update(repr(fn).encode())
+    return BYTECODE_PREFIX + h.hexdigest()
 
 
 def source_hash(fn: Callable[..., Any], source: str | None = None) -> str:
@@ -84,19 +108,17 @@ def source_hash(fn: Callable[..., Any], source: str | None = None) -> str:
         source: its text from :func:`function_source`, when already read.
 
     Returns:
-        ``"sha256:<hex>"`` of the source text, or ``"sha256-code:<hex>"`` of the
-        bytecode when no source is available.
+        ``"sha256:<hex>"`` of the source text, or :func:`bytecode_hash` when no
+        source is available.
     """
     text = function_source(fn) if source is None else source
     if text:
         return SOURCE_PREFIX + hashlib.sha256(text.encode("utf-8")).hexdigest()
-    h = hashlib.sha256()
-    code = getattr(fn, "__code__", None)
-    if code is not None:
-        _hash_code(code, h)
-    else:
-        h.update(repr(fn).encode())
-    return BYTECODE_PREFIX + h.hexdigest()
+    return bytecode_hash(fn)
+
+
+def _python_tag() -> str:
+    return f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 
 def _reference_of(fn: Callable[..., Any]) -> tuple[str, str] | None:
@@ -121,11 +143,15 @@ def _resolve(module_name: str, qualname: str) -> Any:
     return obj
 
 
-def _load_entrypoint(module_name: str, qualname: str, expected_hash: str) -> Callable[..., Any]:
+def _load_entrypoint(
+    module_name: str, qualname: str, expected_hash: str, python: str
+) -> Callable[..., Any]:
     """Unpickling hook: import a step's raw function and check it is the code the client built.
 
+    The bytecode check is skipped across Python minor versions, whose bytecode differs.
+
     Raises:
-        ExecutionError: when the module cannot be imported here or its source differs.
+        ExecutionError: when the function cannot be imported here or its code differs.
     """
     try:
         target = _resolve(module_name, qualname)
@@ -135,12 +161,11 @@ def _load_entrypoint(module_name: str, qualname: str, expected_hash: str) -> Cal
             f"install or put on PYTHONPATH the same code the pipeline was submitted from"
         ) from e
     fn = getattr(target, "entrypoint", target)
-    found = source_hash(fn)
-    same_kind = found.split(":", 1)[0] == expected_hash.split(":", 1)[0]
-    if same_kind and found != expected_hash:
+    if python == _python_tag() and bytecode_hash(fn) != expected_hash:
         raise ExecutionError(
             f"step function {module_name}:{qualname} on this worker differs from the one the "
-            f"pipeline was built with; deploy the same code to the workers and the client"
+            f"pipeline was built with; deploy the same code to the workers and the client "
+            f"(and restart workers after editing it)"
         )
     return fn  # type: ignore[no-any-return]
 
@@ -149,32 +174,34 @@ def _pickler_class() -> type:
     import cloudpickle
 
     class _EntrypointPickler(cloudpickle.Pickler):  # type: ignore[misc]
-        def __init__(self, file: io.BytesIO, root: Callable[..., Any], hash_: str):
+        def __init__(self, file: io.BytesIO, root: Callable[..., Any]):
             super().__init__(file)
             self._root = root
-            self._hash = hash_
 
         def reducer_override(self, obj: Any) -> Any:
             if obj is self._root:
                 ref = _reference_of(obj)
                 if ref is not None:
-                    return _load_entrypoint, (ref[0], ref[1], self._hash)
+                    return _load_entrypoint, (*ref, bytecode_hash(obj), _python_tag())
             return super().reducer_override(obj)
 
     return _EntrypointPickler
 
 
-def code_blob(fn: Callable[..., Any], name: str, source: str, hash_: str) -> CodeBlob:
+def code_blob(fn: Callable[..., Any], name: str, source: str) -> CodeBlob:
     """Pickle a step's raw function into a :class:`CodeBlob`.
+
+    A by-reference pickle embeds the function's :func:`bytecode_hash`, so the
+    code hash changes whenever the code does and a worker whose copy differs
+    refuses to load it.
 
     Args:
         fn: the raw function.
         name: the step name, for humans reading the store.
         source: its source text (see :func:`function_source`).
-        hash_: its source hash, embedded in by-reference pickles and checked on load.
     """
     buf = io.BytesIO()
-    _pickler_class()(buf, fn, hash_).dump(fn)
+    _pickler_class()(buf, fn).dump(fn)
     pickled = buf.getvalue()
     return CodeBlob(
         code_hash=SOURCE_PREFIX + hashlib.sha256(pickled).hexdigest(),

@@ -215,7 +215,7 @@ class Step:
     def code_blob(self) -> CodeBlob:
         """The pickled function as a :class:`CodeBlob`, computed once per Step object."""
         if self._blob is None:
-            self._blob = code_blob(self.entrypoint, self.name, self.source, self.source_hash)
+            self._blob = code_blob(self.entrypoint, self.name, self.source)
         return self._blob
 
     def output_specs(self) -> tuple[OutputSpec, ...]:

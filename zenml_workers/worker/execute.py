@@ -50,13 +50,15 @@ class WorkerContext:
         artifacts = artifact_store_from_uri(settings.resolved_artifact_uri(), **settings.s3_options())
         return cls(settings=settings, metadata=metadata, artifacts=artifacts, name=name or socket.gethostname())
 
-    def function(self, s: Any, code_hash: str) -> Callable[..., Any]:
+    def function(self, code_hash: str, pickled: bytes | None) -> Callable[..., Any]:
+        """The step function for ``code_hash``, unpickled from ``pickled`` on first use."""
         fn = self.code.get(code_hash)
         if fn is None:
             import cloudpickle
 
-            blob = q.get_code_blob(s, code_hash)
-            fn = cloudpickle.loads(blob.pickled)
+            if pickled is None:
+                raise LookupError(f"step code {code_hash} is neither cached nor given")
+            fn = cloudpickle.loads(pickled)
             self.code[code_hash] = fn
             if len(self.code) > 512:
                 self.code.popitem(last=False)
@@ -135,7 +137,7 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
             return []
         upstream = {ref.step for i in step.inputs for ref in i.refs}
         produced = q.output_artifacts(s, task.run_id, upstream)
-        fn = ctx.function(s, step.code_hash)
+        blob = None if step.code_hash in ctx.code else q.get_code_blob(s, step.code_hash).pickled
     attempt = row.attempt
     ctx.leases.hold(row.id, attempt, lease_s)
     written: list[str] = []
@@ -143,6 +145,7 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
     try:
         with capture_logs() as logs:
             try:
+                fn = ctx.function(step.code_hash, blob)
                 kwargs = _load_inputs(step, produced, ctx.artifacts)
                 kwargs.update(step.parameters)
                 log.info("run %s step %s attempt %d started on %s", task.run_id, step.invocation_id, attempt, ctx.host)

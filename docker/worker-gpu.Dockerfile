@@ -1,0 +1,38 @@
+# GPU worker: consumes the "gpu" queue, one step at a time (pool solo: a CUDA context cannot
+# be shared with forked pool children). Needs the NVIDIA container runtime on the host.
+#   docker build -f docker/worker-gpu.Dockerfile -t zenml-workers-worker-gpu .
+FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+# Ubuntu's security updates replace exact versions, so pinning them would break rebuilds.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3.11 -m venv /opt/venv \
+    && groupadd --system --gid 10001 zw \
+    && useradd --system --uid 10001 --gid zw --create-home --home-dir /home/zw zw
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY zenml_workers ./zenml_workers
+COPY scheduler ./scheduler
+COPY stores ./stores
+# "." is this project, not a registry package; its dependencies are bounded in pyproject.toml.
+# PyPI's Linux torch wheel bundles its own CUDA libraries.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[torch,postgres]"
+
+USER 10001:10001
+WORKDIR /home/zw
+
+HEALTHCHECK --interval=30s --timeout=15s --start-period=60s --retries=3 \
+    CMD ["sh", "-c", "celery -A zenml_workers.worker inspect ping --timeout 10 -d celery@$HOSTNAME"]
+
+ENTRYPOINT ["zw", "worker"]
+CMD ["--queues", "gpu", "--concurrency", "1", "--pool", "solo"]

@@ -1,0 +1,234 @@
+"""``zw``: run workers, the scheduler and Flower; inspect runs, logs and cache decisions."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import click
+
+from zenml_workers.errors import ZenMLWorkersError
+
+
+def _settings(ctx: click.Context) -> Any:
+    from zenml_workers.settings import load_settings
+
+    return load_settings(ctx.obj.get("stack_file"))
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@click.group()
+@click.option("--stack-file", envvar="ZW_STACK_FILE", default=None, help="TOML stack file (ZW_STACK_FILE).")
+@click.pass_context
+def cli(ctx: click.Context, stack_file: str | None) -> None:
+    """zenml-workers: ZenML-style pipelines on Celery workers."""
+    ctx.ensure_object(dict)
+    ctx.obj["stack_file"] = stack_file
+
+
+@cli.command()
+@click.option("--queues", "-Q", default="cpu", show_default=True, help="Comma-separated queues to consume.")
+@click.option("--concurrency", "-c", type=int, default=None, help="Worker processes (gpu: 1 per GPU).")
+@click.option("--pool", "-P", default=None, help="Celery pool (default: prefork; solo for gpu).")
+@click.option("--hostname", "-n", default=None, help="Worker node name (default: celery's).")
+@click.option("--skip-gpu-check", is_flag=True, help="Consume the gpu queue without a visible GPU.")
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.pass_context
+def worker(
+    ctx: click.Context, queues: str, concurrency: int | None, pool: str | None, hostname: str | None,
+    skip_gpu_check: bool, loglevel: str,
+) -> None:
+    """Start a Celery worker on the configured broker."""
+    settings = _settings(ctx)
+    if settings.is_embedded:
+        raise click.UsageError("no broker configured; set ZW_BROKER_URL (e.g. redis://localhost:6379/0)")
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = [q for q in names if q not in settings.queues]
+    if unknown:
+        raise click.UsageError(
+            f"queue(s) {', '.join(unknown)} are not configured (known: {', '.join(settings.queues)}); "
+            "fix --queues or add them to ZW_QUEUES"
+        )
+    if skip_gpu_check:
+        os.environ["ZW_SKIP_GPU_CHECK"] = "1"
+    gpu = "gpu" in names
+    if gpu:
+        from zenml_workers.worker.tasks import check_gpu
+
+        check_gpu()
+    from zenml_workers.worker.app import create_app
+
+    app = create_app(settings)
+    # CUDA breaks in a child forked after it was initialised: one solo process per GPU.
+    pool = pool or ("solo" if gpu else "prefork")
+    argv = ["worker", "-Q", ",".join(names), "-P", pool, "-E", "-O", "fair", "--prefetch-multiplier", "1",
+            "--without-gossip", "--without-mingle", f"--loglevel={loglevel}"]
+    if concurrency is not None and pool != "solo":
+        argv += ["-c", str(concurrency)]
+    if hostname:
+        argv += ["-n", hostname]
+    app.worker_main(argv)
+
+
+@cli.command()
+@click.option("--interval", type=float, default=5.0, show_default=True, help="Seconds between recovery passes.")
+@click.option("--once", is_flag=True, help="Run one recovery pass and exit.")
+@click.pass_context
+def scheduler(ctx: click.Context, interval: float, once: bool) -> None:
+    """Run the scheduler service: recover lost steps, flag runs waiting on dead queues."""
+    import logging
+
+    from scheduler.recovery import RecoveryPolicy
+    from scheduler.service import SchedulerService
+    from stores.metadata.store import MetadataStore
+    from zenml_workers.worker.app import create_app, send_steps
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(ctx)
+    if settings.is_embedded:
+        raise click.UsageError("the scheduler serves a cluster; set ZW_BROKER_URL")
+    app = create_app(settings)
+    service = SchedulerService(
+        MetadataStore(settings.resolved_metadata_url()),
+        lambda queued: send_steps(app, queued),
+        policy=RecoveryPolicy(settings.requeue_queued_after_s, settings.max_queued_per_run),
+        interval_s=interval,
+        worker_ttl_s=settings.worker_ttl_s,
+    )
+    if once:
+        click.echo(f"sent {len(service.run_once())} step task(s)")
+        return
+    try:
+        service.serve_forever()
+    except KeyboardInterrupt:
+        service.stop()
+
+
+@cli.command()
+@click.option("--port", type=int, default=5555, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def flower(ctx: click.Context, port: int, address: str, flower_args: tuple[str, ...]) -> None:
+    """Start Flower on the configured broker (extra arguments go to flower, e.g. --basic-auth=u:p)."""
+    settings = _settings(ctx)
+    if settings.is_embedded:
+        raise click.UsageError("Flower watches a broker; set ZW_BROKER_URL")
+    os.execvp(sys.executable, [
+        sys.executable, "-m", "celery", "-A", "zenml_workers.worker", f"--broker={settings.broker_url}",
+        "flower", f"--port={port}", f"--address={address}", *flower_args,
+    ])
+
+
+@cli.command()
+@click.option("--pipeline", "-p", default=None)
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.pass_context
+def runs(ctx: click.Context, pipeline: str | None, limit: int) -> None:
+    """List recent runs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from zenml_workers.sdk.client import Client
+
+    table = Table("run", "pipeline", "status", "steps", "cached", "created (UTC)", "duration")
+    for run in Client(_settings(ctx)).list_runs(pipeline=pipeline, limit=limit):
+        cached = sum(1 for s in run.steps.values() if s.is_cached)
+        duration = f"{run.duration_s:.2f}s" if run.duration_s is not None else "-"
+        table.add_row(run.id[:8], run.pipeline, run.status, str(len(run.steps)), str(cached),
+                      _when(run.created_at), duration)
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.pass_context
+def show(ctx: click.Context, run_id: str) -> None:
+    """Show a run's steps, where they ran, and its message."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from zenml_workers.sdk.client import Client
+
+    run = Client(_settings(ctx)).get_run(run_id)
+    console = Console()
+    console.print(f"run [bold]{run.id}[/bold] of [bold]{run.pipeline}[/bold]: {run.status} {run.message}")
+    table = Table("step", "status", "queue", "attempt", "host", "duration", "outputs")
+    for st in run.steps.values():
+        duration = f"{st.duration_s:.3f}s" if st.duration_s is not None else "-"
+        table.add_row(st.invocation_id, st.status, st.queue, str(st.attempt), st.worker_host or "-", duration,
+                      ", ".join(st.outputs))
+    console.print(table)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("step")
+@click.pass_context
+def logs(ctx: click.Context, run_id: str, step: str) -> None:
+    """Print a step's captured stdout, stderr and logging."""
+    from zenml_workers.sdk.client import Client
+
+    click.echo(Client(_settings(ctx)).logs(run_id, step), nl=False)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("step")
+@click.pass_context
+def explain(ctx: click.Context, run_id: str, step: str) -> None:
+    """Say why a step was, or was not, a cache hit."""
+    from zenml_workers.sdk.client import Client
+
+    for reason in Client(_settings(ctx)).explain_cache(run_id, step):
+        click.echo(f"- {reason}")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.pass_context
+def cancel(ctx: click.Context, run_id: str) -> None:
+    """Cancel a run: revoke queued steps and stop running ones."""
+    from zenml_workers.sdk.runner import RunHandle
+    from zenml_workers.sdk.stack import get_stack
+
+    stack = get_stack(_settings(ctx))
+    from zenml_workers.sdk.client import Client
+
+    run = Client(stack.settings).get_run(run_id)
+    RunHandle(run.id, stack).cancel()
+    click.echo(f"cancelled run {run.id}")
+
+
+@cli.command()
+@click.pass_context
+def stack(ctx: click.Context) -> None:
+    """Show the active stack (credentials hidden)."""
+    for key, value in _settings(ctx).describe().items():
+        click.echo(f"{key}: {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: turns our errors into one line and exit status 1."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="zw", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except ZenMLWorkersError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

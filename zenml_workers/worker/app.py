@@ -1,0 +1,108 @@
+"""The Celery app: safe delivery settings, step-task sending and run events.
+
+Operators start workers the usual way (``celery -A zenml_workers.worker worker
+-Q cpu``) or with ``zw worker``. A worker needs only the broker URL, the
+metadata store URL and artifact store credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from scheduler.dispatch import QueuedStep
+from zenml_workers.settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+log = logging.getLogger("zenml_workers.worker")
+
+#: The one registered task; Flower shows each message under its ``shadow`` name ``pipeline.step``.
+STEP_TASK = "zw.step"
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app configured for crash-safe step execution on ``settings.broker_url``.
+
+    Late acks and reject-on-worker-lost make a killed worker's step come back;
+    the SQL lease (not the broker) decides which attempt wins.
+    """
+    from celery import Celery
+
+    app = Celery("zenml_workers", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue="cpu",
+        task_create_missing_queues=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": int(settings.visibility_timeout_s)},
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    app.conf.zw_settings = settings
+    from zenml_workers.worker import tasks
+
+    tasks.register(app)
+    return app
+
+
+def send_steps(app: Celery, queued: Sequence[QueuedStep]) -> None:
+    """Publish step tasks; each is named ``pipeline.invocation`` in Flower and carries its run id."""
+    if not queued:
+        return
+    with app.producer_or_acquire() as producer:
+        for q in queued:
+            app.send_task(
+                STEP_TASK,
+                kwargs={"task": q.task.encode()},
+                queue=q.queue,
+                routing_key=q.queue,
+                task_id=q.task_id,
+                shadow=f"{q.task.pipeline}.{q.task.invocation_id}",
+                producer=producer,
+            )
+
+
+class RunEvents:
+    """Run progress over Redis pub/sub, so ``wait()`` wakes without polling the database."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.enabled = broker_url.startswith(("redis://", "rediss://", "unix://"))
+        self._url = broker_url
+        self._client: Any = None
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def channel(run_id: str) -> str:
+        return f"zw:run:{run_id}"
+
+    @property
+    def client(self) -> Any:
+        if self._client is None or self._pid != os.getpid():
+            import redis
+
+            self._client = redis.Redis.from_url(self._url)
+            self._pid = os.getpid()
+        return self._client
+
+    def publish(self, run_id: str, *, step: str, idle: bool) -> None:
+        if not self.enabled:
+            return
+        try:
+            self.client.publish(self.channel(run_id), json.dumps({"step": step, "idle": idle}))
+        except Exception:  # waiters fall back to reading the run every half second
+            log.warning("could not publish run event for run %s", run_id, exc_info=True)

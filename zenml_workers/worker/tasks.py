@@ -1,0 +1,160 @@
+"""The Celery task (thin: all the work is in :mod:`zenml_workers.worker.execute`) and worker hooks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from zenml_workers.specs import GPU_QUEUE, StepTask
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from zenml_workers.worker.execute import WorkerContext
+
+log = logging.getLogger("zenml_workers.worker")
+
+_context: WorkerContext | None = None
+_context_pid = 0
+
+
+def worker_context(app: Celery) -> WorkerContext:
+    """This process's stores and code cache, built on first use (after the prefork fork)."""
+    global _context, _context_pid
+    if _context is None or _context_pid != os.getpid():
+        from zenml_workers.worker.execute import WorkerContext
+
+        _context = WorkerContext.from_settings(app.conf.zw_settings)
+        _context_pid = os.getpid()
+    return _context
+
+
+def register(app: Celery) -> None:
+    from celery import signals
+
+    from zenml_workers.worker.app import STEP_TASK, RunEvents, send_steps
+
+    events = RunEvents(app.conf.zw_settings.broker_url or "")
+
+    @app.task(name=STEP_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def run_step(task: dict[str, Any]) -> None:
+        from zenml_workers.worker.execute import execute_step
+
+        step_task = StepTask.decode(task)
+        follow = execute_step(step_task, worker_context(app))
+        send_steps(app, follow)
+        events.publish(step_task.run_id, step=step_task.invocation_id, idle=not follow)
+
+    state: dict[str, Any] = {}
+
+    @signals.celeryd_after_setup.connect(weak=False)
+    def _after_setup(sender: str, instance: Any, **_: Any) -> None:
+        if instance.app is not app:
+            return
+        queues = sorted(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
+        state["name"], state["queues"] = sender, queues
+        if GPU_QUEUE in queues:
+            check_gpu()
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(sender: Any, **_: Any) -> None:
+        if sender.app is not app or "name" not in state:
+            return
+        beat = WorkerHeartbeat(app, state["name"], state["queues"])
+        state["heartbeat"] = beat
+        beat.start()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _shutdown(sender: Any = None, **_: Any) -> None:
+        beat = state.get("heartbeat")
+        if beat is not None:
+            beat.stop()
+
+
+class GPUUnavailableError(SystemExit):
+    """Raised at worker start-up when a gpu-queue worker sees no GPU."""
+
+
+def check_gpu() -> None:
+    """Refuse to consume the gpu queue without a visible GPU, unless ``ZW_SKIP_GPU_CHECK=1``.
+
+    Raises:
+        GPUUnavailableError: neither ``nvidia-smi -L`` nor ``torch.cuda`` sees a GPU.
+    """
+    if os.environ.get("ZW_SKIP_GPU_CHECK", "").lower() in ("1", "true", "yes"):
+        log.warning("GPU check skipped (ZW_SKIP_GPU_CHECK); gpu steps will run on this machine's CPU")
+        return
+    if gpu_count() > 0:
+        return
+    raise GPUUnavailableError(
+        "this worker consumes the 'gpu' queue but sees no GPU (nvidia-smi and torch.cuda found none); "
+        "run it on a GPU machine, or pass --skip-gpu-check (ZW_SKIP_GPU_CHECK=1) to run gpu steps on CPU"
+    )
+
+
+def gpu_count() -> int:
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
+            n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+            if n:
+                return n
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:
+        return 0
+
+
+class WorkerHeartbeat:
+    """Records this worker and its queues in SQL every ``heartbeat_interval_s``.
+
+    Lets ``wait()`` tell users when their steps sit on a queue nobody consumes.
+    """
+
+    def __init__(self, app: Celery, name: str, queues: list[str]) -> None:
+        self.app = app
+        self.name = name
+        self.queues = queues
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="zw-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._beat()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            from stores.metadata import queries as q
+
+            with worker_context(self.app).metadata.transaction() as s:
+                q.worker_stopped(s, self.name)
+        except Exception:
+            log.warning("could not mark worker %s stopped", self.name, exc_info=True)
+
+    def _beat(self) -> None:
+        from stores.metadata import queries as q
+
+        with worker_context(self.app).metadata.transaction() as s:
+            q.worker_heartbeat(
+                s, name=self.name, queues=self.queues, host=socket.gethostname(), pid=os.getpid(), now=time.time()
+            )
+
+    def _loop(self) -> None:
+        interval = self.app.conf.zw_settings.heartbeat_interval_s
+        while not self._stop.wait(interval):
+            try:
+                self._beat()
+            except Exception:
+                log.warning("worker heartbeat failed", exc_info=True)

@@ -77,16 +77,26 @@ def start_flower_process(
     process = ServiceProcess(
         "flower",
         [
-            sys.executable, "-m", "celery", "-A", app_module, "--broker", broker_url,
-            "flower", f"--port={port}", "--address=127.0.0.1",
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app_module,
+            "--broker",
+            broker_url,
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+        ],
         log_path=log_dir / f"flower-{port}.log",
         env=service_env({"FLOWER_UNAUTHENTICATED_API": "true", "ZW_BROKER_URL": broker_url}),
         cwd=REPO_ROOT,
     ).start()
     url = f"http://127.0.0.1:{port}"
     try:
-        process.wait_until(lambda: _answers(url + "/api/workers"), START_TIMEOUT_S, "GET /api/workers")
+        process.wait_until(
+            lambda: _answers(url + "/api/workers"), START_TIMEOUT_S, "GET /api/workers"
+        )
     except BaseException:
         process.stop()
         raise

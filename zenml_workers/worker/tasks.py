@@ -42,12 +42,16 @@ def register(app: Celery) -> None:
 
     events = RunEvents(app.conf.zw_settings.broker_url or "")
 
-    @app.task(name=STEP_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-    def run_step(task: dict[str, Any]) -> None:
+    @app.task(name=STEP_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def run_step(self: Any, task: dict[str, Any]) -> None:
         from zenml_workers.worker.execute import execute_step
 
         step_task = StepTask.decode(task)
-        follow = execute_step(step_task, worker_context(app))
+        ctx = worker_context(app)
+        if self.request.hostname:
+            # The Celery node name (cpu@host, gpu@host) tells workers on one machine apart.
+            ctx.host = self.request.hostname
+        follow = execute_step(step_task, ctx)
         send_steps(app, follow)
         events.publish(step_task.run_id, step=step_task.invocation_id, idle=not follow)
 

@@ -20,12 +20,15 @@ same code runs on a Celery cluster once ``ZW_BROKER_URL`` and friends are set
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import pandas as pd
 
 from zenml_workers import Client, pipeline, step, submit, trainer
+
+if TYPE_CHECKING:
+    from zenml_workers.sdk.client import RunView
 
 FEATURES = ["x0", "x1", "x2", "x3"]
 
@@ -51,7 +54,9 @@ def split(
     """Shuffle and cut the data set into a training and a test set."""
     shuffled = dataset.sample(frac=1.0, random_state=seed).reset_index(drop=True)
     n_test = int(len(shuffled) * test_fraction)
-    return shuffled.iloc[n_test:].reset_index(drop=True), shuffled.iloc[:n_test].reset_index(drop=True)
+    return shuffled.iloc[n_test:].reset_index(drop=True), shuffled.iloc[:n_test].reset_index(
+        drop=True
+    )
 
 
 # @trainer is @step for training code: on a cluster it goes to the "gpu" queue.
@@ -88,12 +93,14 @@ def training(rows: int = 1000, epochs: int = 100, lr: float = 0.5) -> None:
     evaluate(model, test_set)
 
 
-def summarize(run) -> None:  # noqa: ANN001 - a RunView; kept light for readers
+def summarize(run: RunView) -> None:
     """Print one line per step: status, duration and outputs."""
     print(f"run {run.id} ({run.name}): {run.status}")
     for st in run.steps.values():
         duration = f"{st.duration_s:.3f}s" if st.duration_s is not None else "-"
-        print(f"  {st.invocation_id:<10} {st.status:<10} {duration:>8}  outputs: {', '.join(st.outputs)}")
+        print(
+            f"  {st.invocation_id:<10} {st.status:<10} {duration:>8}  outputs: {', '.join(st.outputs)}"
+        )
     cached = [st.invocation_id for st in run.steps.values() if st.is_cached]
     ran = [st.invocation_id for st in run.steps.values() if not st.is_cached]
     print(f"  {len(cached)}/{len(run.steps)} steps cached; ran: {', '.join(ran) or 'nothing'}")
@@ -120,15 +127,14 @@ def main() -> None:
     run = handle.wait()
     summarize(run)
     print(f"accuracy: {run.steps['evaluate'].output.load():.3f}")
+    # Why was a step (not) a cache hit? Also on the command line: `zw explain RUN STEP`.
     client = Client()
     for step_name in ("split", "train", "evaluate"):
-        print(f"why did {step_name!r} (not) run again?")
         for reason in client.explain_cache(run, step_name):
-            print(f"  - {reason}")
+            print(f"  {step_name}: {reason}")
     print("\ncaptured logs of train:")
     print(run.steps["train"].logs.rstrip())
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main()

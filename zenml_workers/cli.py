@@ -79,7 +79,8 @@ def worker(
 
 
 @cli.command()
-@click.option("--interval", type=float, default=5.0, show_default=True, help="Seconds between recovery passes.")
+@click.option("--interval", type=float, default=5.0, show_default=True, envvar="ZW_SCHEDULER_INTERVAL_S",
+              help="Seconds between recovery passes (ZW_SCHEDULER_INTERVAL_S).")
 @click.option("--once", is_flag=True, help="Run one recovery pass and exit.")
 @click.pass_context
 def scheduler(ctx: click.Context, interval: float, once: bool) -> None:

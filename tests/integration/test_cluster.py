@@ -247,3 +247,46 @@ def test_cluster_worker_refuses_gpu_queue_without_a_gpu(cluster: Cluster, tmp_pa
     assert out.returncode != 0
     assert "sees no GPU" in out.stderr + out.stdout
     assert "--skip-gpu-check" in out.stderr + out.stdout
+
+
+def test_cluster_small_run_is_not_starved_by_a_big_fan_out(cluster: Cluster) -> None:
+    narrow = cluster.settings.model_copy(update={"max_queued_per_run": 4})
+    big = submit(pl.wide, settings=narrow, seed=int(time.time()), width=200)
+    little = submit(pl.small, settings=narrow, x=int(time.time()))
+
+    small_run = little.wait(timeout_s=60)
+    assert big.status == "running", "the small run should finish while the big fan-out is still going"
+    big_run = big.wait(timeout_s=120)
+    assert small_run.ended_at is not None and big_run.ended_at is not None
+    assert small_run.ended_at < big_run.ended_at
+    assert sum(1 for s in big_run.steps.values() if s.status == "completed") == 200
+
+
+def test_cluster_scheduler_service_flags_runs_on_dead_queues(cluster: Cluster, tmp_path: Path) -> None:
+    service = ServiceProcess(
+        "zw scheduler", [sys.executable, "-m", "scheduler"], log_path=tmp_path / "scheduler.log",
+        env=service_env({**cluster.env, "ZW_SCHEDULER_INTERVAL_S": "0.5"}), cwd=REPO_ROOT,
+    ).start()
+    try:
+        handle = submit(pl.unroutable, settings=cluster.settings)
+        client = Client(cluster.settings)
+        wait_until(lambda: "no live worker" in client.get_run(handle.id).message, 30, "the scheduler to flag the run")
+        assert "zw worker --queues nowhere" in client.get_run(handle.id).message
+        handle.cancel()
+    finally:
+        service.stop()
+
+
+def test_cluster_cli_prints_step_logs_and_runs(cluster: Cluster) -> None:
+    run = submit(pl.routed, settings=cluster.settings, x=int(time.time()) % 1000 + 5000).wait(timeout_s=60)
+    env = service_env(cluster.env)
+
+    logs = subprocess.run([sys.executable, "-m", "zenml_workers.cli", "logs", run.id, "make"], env=env,
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    shown = subprocess.run([sys.executable, "-m", "zenml_workers.cli", "show", run.id[:8]], env=env,
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+
+    assert logs.returncode == 0, logs.stderr
+    assert f"making {run.config['parameters']['x']}" in logs.stdout
+    assert shown.returncode == 0, shown.stderr
+    assert "gpu@zwtest" in shown.stdout and "completed" in shown.stdout

@@ -85,3 +85,20 @@ def stranded() -> int:
 @pipeline(enable_cache=False)
 def unroutable():
     stranded()
+
+
+@step(enable_cache=False)
+def tick(seed: int, i: int) -> int:
+    time.sleep(0.02)
+    return i
+
+
+@pipeline(enable_cache=False)
+def wide(seed: int = 0, width: int = 200):
+    for i in range(width):
+        tick(seed, i)
+
+
+@pipeline(enable_cache=False)
+def small(x: int = 0):
+    add_one(add_one(make(x=x)))

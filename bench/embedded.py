@@ -1,0 +1,183 @@
+"""Benchmarks of the embedded default: local process pool (2 workers), SQLite, a local folder.
+
+The bench process submits every run itself, so the pool stays warm between runs
+as it would in a notebook. ZenML figures are the published ones we were given;
+everything else is measured here.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.report import Result, median, progress
+from bench.services import REPO_ROOT, service_env
+
+__all__ = ["ZENML", "bench_cached", "bench_chain", "bench_fan", "bench_import", "embedded_settings"]
+
+#: Published ZenML 0.98 figures, in seconds.
+ZENML = {"chain10": 1.35, "fan_50": 4.4, "cached_chain10": 0.8, "import": 1.7}
+
+
+def embedded_settings(home: Path) -> Any:
+    """Settings of the embedded default under ``home`` with 2 local worker processes."""
+    from zenml_workers.settings import load_settings
+
+    return load_settings(home=home, local_workers=2, broker_url=None, metadata_url=None, artifact_uri=None)
+
+
+def run_timed(pipeline: Any, settings: Any, **params: Any) -> tuple[float, Any]:
+    """Submit ``pipeline`` and wait for it; return the wall time in seconds and the finished run."""
+    from zenml_workers.sdk.runner import submit
+
+    started = time.perf_counter()
+    handle = submit(pipeline, settings=settings, **params)
+    # As a user sees it: from submit() until wait() has returned the finished run's view.
+    run = handle.wait(progress=False)
+    return time.perf_counter() - started, run
+
+
+def run_once(pipeline: Any, settings: Any, **params: Any) -> float:
+    """Submit ``pipeline`` and wait for it; return the wall time in seconds."""
+    return run_timed(pipeline, settings, **params)[0]
+
+
+class Seeds:
+    """Distinct pipeline parameters, so that no run is served from the cache by accident."""
+
+    def __init__(self, start: int = 1_000) -> None:
+        self._next = start
+
+    def __call__(self) -> int:
+        self._next += 1
+        return self._next
+
+
+def bench_chain(settings: Any, seeds: Seeds, repeats: int = 10) -> Result:
+    """Benchmark 1: wall time of a 10-step chain after a warm-up run."""
+    from bench.pipelines import CHAIN_LENGTH, chain
+
+    warmup = run_once(chain, settings, seed=seeds())
+    samples = [run_once(chain, settings, seed=seeds()) for _ in range(repeats)]
+    wall = median(samples)
+    progress(f"embedded 10-step chain: median {wall * 1000:.1f} ms over {repeats} runs")
+    return Result(
+        name="embedded.chain10",
+        description=(
+            f"{CHAIN_LENGTH}-step chain of trivial int steps on the embedded default (2 local worker "
+            f"processes, SQLite, local folder); median wall time of {repeats} uncached runs after a warm-up"
+        ),
+        unit="s",
+        value=wall,
+        baseline=ZENML["chain10"],
+        baseline_source="ZenML 0.98 published",
+        ratio=ZENML["chain10"] / wall,
+        ratio_meaning="ZenML / ours (speed-up)",
+        target=">= 20x",
+        raw={"samples_s": samples, "warmup_s": warmup, "per_step_s": wall / CHAIN_LENGTH, "steps": CHAIN_LENGTH},
+    )
+
+
+def bench_fan(settings: Any, seeds: Seeds, repeats: int = 5, width: int = 50) -> Result:
+    """Benchmark 2: wall time of a ``1 -> 50 -> 1`` fan-out/fan-in."""
+    from bench.pipelines import fan_in
+
+    warmup = run_once(fan_in, settings, seed=seeds(), width=width)
+    samples = [run_once(fan_in, settings, seed=seeds(), width=width) for _ in range(repeats)]
+    wall = median(samples)
+    progress(f"embedded 1->{width}->1 fan-out/fan-in: median {wall * 1000:.0f} ms over {repeats} runs")
+    return Result(
+        name="embedded.fan_50",
+        description=(
+            f"1 -> {width} -> 1 fan-out/fan-in of trivial steps on the embedded default; "
+            f"median wall time of {repeats} uncached runs after a warm-up"
+        ),
+        unit="s",
+        value=wall,
+        baseline=ZENML["fan_50"],
+        baseline_source="ZenML 0.98 published",
+        ratio=ZENML["fan_50"] / wall,
+        ratio_meaning="ZenML / ours (speed-up)",
+        raw={"samples_s": samples, "warmup_s": warmup, "steps": width + 2, "per_step_s": wall / (width + 2)},
+    )
+
+
+def bench_cached(settings: Any, seeds: Seeds, repeats: int = 10) -> list[Result]:
+    """Benchmark 3: fully cached re-runs of the 10-step and the 100-step chain."""
+    from bench.pipelines import chain, long_chain
+
+    results = []
+    for pipeline, steps, name in ((chain, 10, "embedded.cached_chain10"), (long_chain, 100, "embedded.cached_chain100")):
+        seed = seeds()
+        first = run_once(pipeline, settings, seed=seed)  # computes and stores every step
+        samples = []
+        for _ in range(repeats):
+            wall_s, run = run_timed(pipeline, settings, seed=seed)
+            samples.append(wall_s)
+            statuses = {step.status for step in run.steps.values()}
+            if statuses != {"cached"}:
+                raise RuntimeError(f"a re-run of {pipeline.name} executed steps ({statuses}); the number is invalid")
+        wall = median(samples)
+        progress(f"embedded cached {steps}-step re-run: median {wall * 1000:.1f} ms ({first * 1000:.0f} ms uncached)")
+        zenml = ZENML["cached_chain10"] if steps == 10 else None
+        results.append(
+            Result(
+                name=name,
+                description=(
+                    f"fully cached re-run of a {steps}-step chain on the embedded default (every step a cache "
+                    f"hit); median wall time of {repeats} re-runs"
+                ),
+                unit="s",
+                value=wall,
+                baseline=zenml,
+                baseline_source="ZenML 0.98 published" if zenml else "",
+                ratio=zenml / wall if zenml else None,
+                ratio_meaning="ZenML / ours (speed-up)" if zenml else "",
+                raw={"samples_s": samples, "uncached_first_run_s": first, "per_step_s": wall / steps, "steps": steps},
+            )
+        )
+    return results
+
+
+def _time_python(code: str, repeats: int) -> list[float]:
+    env = service_env()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO_ROOT)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def bench_import(repeats: int = 5) -> Result:
+    """Benchmark 4: ``import zenml_workers`` in a fresh interpreter, minus an empty interpreter."""
+    _time_python("pass", 1)  # warm the OS file cache
+    _time_python("import zenml_workers", 1)
+    empty = _time_python("pass", repeats)
+    full = _time_python("import zenml_workers", repeats)
+    cost = max(median(full) - median(empty), 0.0)
+    public = _time_python("from zenml_workers import step, pipeline", repeats)
+    public_cost = max(median(public) - median(empty), 0.0)
+    progress(f"import zenml_workers: {cost * 1000:.1f} ms; with step+pipeline: {public_cost * 1000:.0f} ms")
+    return Result(
+        name="embedded.import",
+        description=(
+            f"`python -c 'import zenml_workers'` minus `python -c pass`, medians of {repeats} fresh "
+            "subprocesses each (raw also has `from zenml_workers import step, pipeline`)"
+        ),
+        unit="s",
+        value=cost,
+        baseline=ZENML["import"],
+        baseline_source="ZenML 0.98 published",
+        ratio=ZENML["import"] / cost if cost > 0 else None,
+        ratio_meaning="ZenML / ours (speed-up)",
+        raw={
+            "empty_interpreter_s": empty,
+            "import_zenml_workers_s": full,
+            "import_step_pipeline_s": public,
+            "step_pipeline_cost_s": public_cost,
+        },
+    )

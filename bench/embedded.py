@@ -29,30 +29,47 @@ def embedded_settings(home: Path) -> Any:
     return load_settings(home=home, local_workers=2, broker_url=None, metadata_url=None, artifact_uri=None)
 
 
-def run_timed(pipeline: Any, settings: Any, **params: Any) -> tuple[float, Any]:
-    """Submit ``pipeline`` and wait for it; return the wall time in seconds and the finished run."""
+def run_timed(pipeline: Any, settings: Any, expect: str = "completed", **params: Any) -> tuple[float, Any]:
+    """Submit ``pipeline``, wait for it and check that every step ended ``expect``.
+
+    Returns:
+        The wall time in seconds, from ``submit()`` until ``wait()`` returned the finished
+        run's view (as a user sees it), and that view.
+
+    Raises:
+        RuntimeError: a step ended otherwise (e.g. a cache hit in an uncached benchmark),
+            which would make the number meaningless.
+    """
     from zenml_workers.sdk.runner import submit
 
     started = time.perf_counter()
-    handle = submit(pipeline, settings=settings, **params)
-    # As a user sees it: from submit() until wait() has returned the finished run's view.
-    run = handle.wait(progress=False)
-    return time.perf_counter() - started, run
+    run = submit(pipeline, settings=settings, **params).wait(progress=False)
+    wall = time.perf_counter() - started
+    statuses = sorted({step.status for step in run.steps.values()})
+    if statuses != [expect]:
+        raise RuntimeError(f"a run of {pipeline.name} had steps {statuses}, expected only {expect!r}")
+    return wall, run
 
 
 def run_once(pipeline: Any, settings: Any, **params: Any) -> float:
-    """Submit ``pipeline`` and wait for it; return the wall time in seconds."""
+    """Submit ``pipeline``, wait for it and return the wall time in seconds (all steps executed)."""
     return run_timed(pipeline, settings, **params)[0]
 
 
 class Seeds:
-    """Distinct pipeline parameters, so that no run is served from the cache by accident."""
+    """Pipeline seeds far enough apart that no step of one run matches a step of another.
 
-    def __init__(self, start: int = 1_000) -> None:
-        self._next = start
+    A chain passes ``seed, seed + 1, ...`` along, so consecutive seeds would make most
+    steps of the next run cache hits of the previous one.
+    """
+
+    STRIDE = 1_000_000
+
+    def __init__(self, start: int = 1) -> None:
+        self._next = start * self.STRIDE
 
     def __call__(self) -> int:
-        self._next += 1
+        self._next += self.STRIDE
         return self._next
 
 
@@ -113,13 +130,7 @@ def bench_cached(settings: Any, seeds: Seeds, repeats: int = 10) -> list[Result]
     for pipeline, steps, name in ((chain, 10, "embedded.cached_chain10"), (long_chain, 100, "embedded.cached_chain100")):
         seed = seeds()
         first = run_once(pipeline, settings, seed=seed)  # computes and stores every step
-        samples = []
-        for _ in range(repeats):
-            wall_s, run = run_timed(pipeline, settings, seed=seed)
-            samples.append(wall_s)
-            statuses = {step.status for step in run.steps.values()}
-            if statuses != {"cached"}:
-                raise RuntimeError(f"a re-run of {pipeline.name} executed steps ({statuses}); the number is invalid")
+        samples = [run_timed(pipeline, settings, expect="cached", seed=seed)[0] for _ in range(repeats)]
         wall = median(samples)
         progress(f"embedded cached {steps}-step re-run: median {wall * 1000:.1f} ms ({first * 1000:.0f} ms uncached)")
         zenml = ZENML["cached_chain10"] if steps == 10 else None

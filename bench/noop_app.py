@@ -33,7 +33,8 @@ def make_app(broker_url: str) -> Celery:
         broker_connection_retry_on_startup=True,
     )
 
-    @app.task(name=NOOP_TASK)
+    # Not shared: each app (the worker's, the bench's client) registers its own copy.
+    @app.task(name=NOOP_TASK, shared=False)
     def noop(value: int) -> int:
         return value
 

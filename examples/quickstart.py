@@ -129,6 +129,7 @@ def main() -> None:
     print(f"accuracy: {run.steps['evaluate'].output.load():.3f}")
     # Why was a step (not) a cache hit? Also on the command line: `zw explain RUN STEP`.
     client = Client()
+    print("why each step was (not) a cache hit:")
     for step_name in ("split", "train", "evaluate"):
         for reason in client.explain_cache(run, step_name):
             print(f"  {step_name}: {reason}")

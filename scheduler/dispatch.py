@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from scheduler import cache
 from stores.metadata import queries as q
-from stores.metadata.models import RunRow, StepRunRow
+from stores.metadata.models import RunRow
 from stores.metadata.states import RunStatus, StepStatus
 from zenml_workers.specs import PipelineSpec, StepSpec, StepTask
 
@@ -167,41 +167,53 @@ def input_edges(step: StepSpec, step_run_id: str, run_id: str, produced: dict[tu
     ]
 
 
-def _resolve(s: Session, run_id: str, unblocked: list[str], *, window: int, now: float) -> list[QueuedStep]:
+def _resolve(
+    s: Session,
+    run_id: str,
+    unblocked: Sequence[Any],
+    *,
+    window: int,
+    now: float,
+    known: dict[tuple[str, str], Any] | None = None,
+) -> list[QueuedStep]:
     """Settle steps just unblocked by a finished step: link cache hits (cascading), mark the rest
-    ready, then fill the run's broker window."""
+    ready, then fill the run's broker window.
+
+    ``unblocked`` rows carry ``id`` and ``invocation_id``; ``known`` holds artifacts
+    this transaction already knows (the finished step's outputs), so they are not read back.
+    """
     spec, by_id, downstream = SPECS.get(s, run_id)
-    wave = unblocked
+    produced: dict[tuple[str, str], Any] = dict(known or {})
+    wave = list(unblocked)
     while wave:
-        ids = {r.invocation_id: r.id for r in q.step_ids(s, run_id, wave)}
-        produced = q.output_artifacts(s, run_id, {ref.step for inv in wave for i in by_id[inv].inputs for ref in i.refs})
-        keyed = {inv: _key(by_id[inv], produced) for inv in wave}
+        missing = {r.step for w in wave for i in by_id[w.invocation_id].inputs for r in i.refs
+                   if (r.step, r.output) not in produced}
+        if missing:
+            produced.update(q.output_artifacts(s, run_id, missing))
+        keyed = {w.invocation_id: _key(by_id[w.invocation_id], produced) for w in wave}
         hits = q.cache_hits(s, {k for inv, (k, _) in keyed.items() if by_id[inv].enable_cache})
-        cached: list[dict[str, Any]] = []
-        ready: list[dict[str, Any]] = []
+        settled: list[dict[str, Any]] = []
         edges: list[dict[str, Any]] = []
-        next_wave: list[str] = []
-        cached_invs: list[str] = []
-        for inv in wave:
+        cached: list[str] = []
+        for w in wave:
+            inv, step = w.invocation_id, by_id[w.invocation_id]
             key, ingr = keyed[inv]
-            hit = hits.get(key) if by_id[inv].enable_cache else None
-            if hit is None or set(hit.outputs) != set(by_id[inv].output_names()):
-                ready.append({"id": ids[inv], "status": StepStatus.READY.value, "cache_key": key,
-                              "cache_ingredients": ingr})
-                continue
-            cached.append({"id": ids[inv], "status": StepStatus.CACHED.value, "cache_key": key,
-                           "cache_ingredients": ingr, "cached_from_run_id": hit.run_id,
-                           "cached_from_step_run_id": hit.step_run_id, "started_at": now, "ended_at": now})
-            cached_invs.append(inv)
-            edges += [_edge(ids[inv], run_id, q.OUTPUT, n, 0, a.id) for n, a in hit.outputs.items()]
-            edges += input_edges(by_id[inv], ids[inv], run_id, produced)
-        for batch in (cached, ready):
-            if batch:
-                s.execute(update(StepRunRow), batch)
+            hit = hits.get(key) if step.enable_cache else None
+            row = {"_id": w.id, "status": StepStatus.READY.value, "cache_key": key, "cache_ingredients": ingr,
+                   "cached_from_run_id": None, "cached_from_step_run_id": None, "started_at": None,
+                   "ended_at": None}
+            if hit is not None and set(hit.outputs) == set(step.output_names()):
+                row.update(status=StepStatus.CACHED.value, cached_from_run_id=hit.run_id,
+                           cached_from_step_run_id=hit.step_run_id, started_at=now, ended_at=now)
+                cached.append(inv)
+                for name, art in hit.outputs.items():
+                    produced[(inv, name)] = art
+                    edges.append(_edge(w.id, run_id, q.OUTPUT, name, 0, art.id))
+                edges += input_edges(step, w.id, run_id, produced)
+            settled.append(row)
+        q.settle_steps(s, settled)
         q.add_lineage(s, edges)
-        for inv in cached_invs:
-            next_wave.extend(q.decrement_deps(s, run_id, downstream[inv]))
-        wave = next_wave
+        wave = [r for inv in cached for r in q.decrement_deps(s, run_id, downstream[inv])]
     queued = fill_window(s, run_id, spec.name, window=window, now=now)
     if not queued:
         finish_run_if_done(s, run_id, now=now)
@@ -228,7 +240,7 @@ def finish_run_if_done(s: Session, run_id: str, *, now: float) -> bool:
 
 def step_succeeded(
     s: Session,
-    row: StepRunRow,
+    row: Any,
     *,
     attempt: int,
     artifacts: Sequence[dict[str, Any]],
@@ -242,17 +254,17 @@ def step_succeeded(
         return None
     q.add_artifacts(s, artifacts)
     q.add_lineage(s, edges)
-    status = s.execute(select(RunRow.status).where(RunRow.id == row.run_id)).scalar_one()
-    if status != RunStatus.RUNNING.value:
+    if q.run_status(s, row.run_id) != RunStatus.RUNNING.value:
         return []
     _, _, downstream = SPECS.get(s, row.run_id)
     unblocked = q.decrement_deps(s, row.run_id, downstream[row.invocation_id])
-    return _resolve(s, row.run_id, unblocked, window=window, now=now)
+    known = {(row.invocation_id, a["name"]): q.ArtifactRef(a["id"], a["content_hash"]) for a in artifacts}
+    return _resolve(s, row.run_id, unblocked, window=window, now=now, known=known)
 
 
 def step_failed(
     s: Session,
-    row: StepRunRow,
+    row: Any,
     *,
     attempt: int,
     error: str,
@@ -273,8 +285,9 @@ def step_failed(
             exception=error, traceback=traceback, **values,
         ):
             return None
-        row.task_id, row.status = task_id, StepStatus.QUEUED.value
-        return [_queued_step(row, s.execute(select(RunRow.pipeline_name).where(RunRow.id == row.run_id)).scalar_one())]
+        spec, _, _ = SPECS.get(s, row.run_id)
+        retry = q.QueuedRow(row.id, row.run_id, row.invocation_id, row.step_name, row.queue, task_id)
+        return [_queued_step(retry, spec.name)]
     if not q.finish_attempt(
         s, row.id, attempt, StepStatus.FAILED, ended_at=now, exception=error, traceback=traceback, **values
     ):

@@ -13,6 +13,7 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+self=scripts/setup.sh
 
 profile="${ZW_SETUP_PROFILE:-full}"
 for arg in "$@"; do
@@ -20,7 +21,7 @@ for arg in "$@"; do
         --demo) profile=demo ;;
         --no-services) profile=no-services ;;
         --full) profile=full ;;
-        -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,12p' "$self"; exit 0 ;;
         *) echo "setup.sh: unknown argument '$arg'; use --demo, --no-services or --full." >&2; exit 2 ;;
     esac
 done
@@ -78,7 +79,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip)
 
-key="$(cat pyproject.toml "$0" | sha256sum | cut -d' ' -f1)"
+key="$(cat pyproject.toml "$self" | sha256sum | cut -d' ' -f1)"
 stamp_of() { printf '%s/.zw-setup-%s.stamp' "$venv" "$1"; }
 stamp_ok() { [ -f "$(stamp_of "$1")" ] && [ "$(cat "$(stamp_of "$1")")" = "$key" ]; }
 

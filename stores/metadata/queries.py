@@ -35,6 +35,90 @@ STEPS = StepRunRow.__table__
 LINEAGE = LineageRow.__table__
 ARTIFACTS = ArtifactRow.__table__
 
+RUNS = RunRow.__table__
+_TERMINAL = [st.value for st in StepStatus if st.is_terminal()]
+_RUN_ALIVE = (
+    select(RUNS.c.id).where(RUNS.c.id == STEPS.c.run_id, RUNS.c.status == RunStatus.RUNNING.value).exists()
+)
+_CLAIM = (
+    update(STEPS)
+    .where(STEPS.c.id == bindparam("_id"), STEPS.c.status == StepStatus.QUEUED.value, _RUN_ALIVE)
+    .values(
+        status=StepStatus.RUNNING.value,
+        attempt=STEPS.c.attempt + 1,
+        started_at=bindparam("now"),
+        lease_expires_at=bindparam("lease"),
+        worker_host=bindparam("host"),
+        worker_pid=bindparam("pid"),
+    )
+    .returning(*STEPS.c)
+)
+_DECREMENT = (
+    update(STEPS)
+    .where(STEPS.c.run_id == bindparam("b_run_id"), STEPS.c.invocation_id.in_(bindparam("b_invs", expanding=True)))
+    .values(deps_left=STEPS.c.deps_left - 1)
+    .returning(STEPS.c.id, STEPS.c.invocation_id, STEPS.c.deps_left, STEPS.c.status)
+)
+_STEP_IDS = select(STEPS.c.id, STEPS.c.invocation_id).where(
+    STEPS.c.run_id == bindparam("run_id"), STEPS.c.invocation_id.in_(bindparam("invs", expanding=True))
+)
+_READY = (
+    select(STEPS.c.id, STEPS.c.run_id, STEPS.c.invocation_id, STEPS.c.step_name, STEPS.c.queue)
+    .where(STEPS.c.run_id == bindparam("run_id"), STEPS.c.status == StepStatus.READY.value)
+    .order_by(STEPS.c.position)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+_IN_FLIGHT = select(func.count()).where(
+    STEPS.c.run_id == bindparam("run_id"),
+    STEPS.c.status.in_([StepStatus.QUEUED.value, StepStatus.RUNNING.value]),
+)
+_UNFINISHED = select(func.count()).where(STEPS.c.run_id == bindparam("run_id"), STEPS.c.status.not_in(_TERMINAL))
+_RUN_STATUS = select(RUNS.c.status).where(RUNS.c.id == bindparam("run_id"))
+_OUTPUTS = (
+    select(STEPS.c.invocation_id.label("_inv"), LINEAGE.c.name.label("_out"), ARTIFACTS)
+    .select_from(
+        STEPS.join(LINEAGE, and_(LINEAGE.c.step_run_id == STEPS.c.id, LINEAGE.c.direction == OUTPUT)).join(
+            ARTIFACTS, ARTIFACTS.c.id == LINEAGE.c.artifact_id
+        )
+    )
+    .where(STEPS.c.run_id == bindparam("run_id"), STEPS.c.invocation_id.in_(bindparam("invs", expanding=True)))
+)
+_CACHE_HITS = (
+    select(
+        STEPS.c.cache_key, STEPS.c.id, STEPS.c.run_id, STEPS.c.ended_at,
+        LINEAGE.c.name, ARTIFACTS.c.id.label("artifact_id"), ARTIFACTS.c.content_hash,
+    )
+    .select_from(
+        STEPS.outerjoin(LINEAGE, and_(LINEAGE.c.step_run_id == STEPS.c.id, LINEAGE.c.direction == OUTPUT))
+        .outerjoin(ARTIFACTS, ARTIFACTS.c.id == LINEAGE.c.artifact_id)
+    )
+    .where(STEPS.c.cache_key.in_(bindparam("keys", expanding=True)), STEPS.c.status == StepStatus.COMPLETED.value)
+)
+_SET_STEP = (
+    update(STEPS)
+    .where(STEPS.c.id == bindparam("_id"))
+    .values(
+        status=bindparam("status"), cache_key=bindparam("cache_key"),
+        cache_ingredients=bindparam("cache_ingredients"), cached_from_run_id=bindparam("cached_from_run_id"),
+        cached_from_step_run_id=bindparam("cached_from_step_run_id"), started_at=bindparam("started_at"),
+        ended_at=bindparam("ended_at"),
+    )
+)
+
+_COMPLETE = (
+    update(STEPS)
+    .where(
+        STEPS.c.id == bindparam("_id"),
+        STEPS.c.status == StepStatus.RUNNING.value,
+        STEPS.c.attempt == bindparam("_attempt"),
+    )
+    .values(
+        status=StepStatus.COMPLETED.value, lease_expires_at=None, ended_at=bindparam("ended_at"),
+        logs=bindparam("logs"), step_metadata=bindparam("step_metadata"),
+    )
+)
+
 _QUEUE_READY = (
     update(STEPS)
     .where(STEPS.c.id == bindparam("_id"), STEPS.c.status == StepStatus.READY.value)
@@ -100,6 +184,12 @@ def put_code_blobs(s: Session, blobs: Sequence[dict[str, Any]], now: float) -> N
         s.execute(insert(CodeBlobRow), missing)
 
 
+def settle_steps(s: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Write the cache decision of just-unblocked steps (ready or cached) in one executemany."""
+    if rows:
+        s.connection().execute(_SET_STEP, list(rows))
+
+
 def get_code_blob(s: Session, code_hash: str) -> CodeBlobRow:
     row = s.get(CodeBlobRow, code_hash)
     if row is None:
@@ -108,10 +198,11 @@ def get_code_blob(s: Session, code_hash: str) -> CodeBlobRow:
 
 
 def create_run(s: Session, *, run: dict[str, Any], steps: Sequence[dict[str, Any]]) -> None:
-    """Insert a run and all its step rows (status ``pending``) in the caller's transaction."""
-    s.execute(insert(RunRow).values(**run))
+    """Insert a run and all its step rows in the caller's transaction."""
+    c = s.connection()
+    c.execute(RUNS.insert(), [run])
     if steps:
-        s.execute(insert(StepRunRow), [dict(st, run_id=run["id"]) for st in steps])
+        c.execute(STEPS.insert(), [dict(st, run_id=run["id"]) for st in steps])
 
 
 def get_run(s: Session, run_id: str) -> RunRow:
@@ -139,21 +230,21 @@ def list_runs(s: Session, *, pipeline: str | None = None, limit: int = 50) -> li
     return list(s.execute(q).scalars())
 
 
-def set_run_status(
-    s: Session, run_id: str, status: RunStatus, *, now: float, message: str | None = None
-) -> bool:
+def set_run_status(s: Session, run_id: str, status: RunStatus, *, now: float, message: str | None = None) -> bool:
     """Move a running run to ``status``; False when it had already ended."""
     values: dict[str, Any] = {"status": status.value}
     if status.is_terminal():
         values["ended_at"] = now
     if message is not None:
         values["message"] = message
-    res = s.execute(
-        update(RunRow)
-        .where(RunRow.id == run_id, RunRow.status == RunStatus.RUNNING.value)
-        .values(**values)
+    res = s.connection().execute(
+        update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status == RunStatus.RUNNING.value).values(**values)
     )
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    return res.rowcount == 1
+
+
+def run_status(s: Session, run_id: str) -> str:
+    return s.connection().execute(_RUN_STATUS, {"run_id": run_id}).scalar_one()
 
 
 def set_run_message(s: Session, run_id: str, message: str) -> None:
@@ -176,11 +267,7 @@ def step_runs(s: Session, run_id: str, invocation_ids: Iterable[str] | None = No
 
 def step_ids(s: Session, run_id: str, invocation_ids: Iterable[str]) -> list[Row[Any]]:
     """(id, invocation_id) of the given invocations of a run."""
-    return s.execute(
-        select(STEPS.c.id, STEPS.c.invocation_id).where(
-            STEPS.c.run_id == run_id, STEPS.c.invocation_id.in_(list(invocation_ids))
-        )
-    ).all()
+    return s.connection().execute(_STEP_IDS, {"run_id": run_id, "invs": list(invocation_ids)}).all()
 
 
 def get_step_run(s: Session, step_run_id: str) -> StepRunRow:
@@ -197,21 +284,17 @@ def status_counts(s: Session, run_id: str) -> dict[str, int]:
     return {status: n for status, n in rows}
 
 
-def decrement_deps(s: Session, run_id: str, invocation_ids: Sequence[str]) -> list[str]:
-    """Count one finished upstream for each of ``invocation_ids``; return those now unblocked.
+def decrement_deps(s: Session, run_id: str, invocation_ids: Sequence[str]) -> list[Row[Any]]:
+    """Count one finished upstream for each of ``invocation_ids``; return (id, invocation_id) of those
+    now unblocked.
 
     One ``UPDATE ... RETURNING``: row locks serialise concurrent finishers, so
     exactly one of them sees a step reach zero and moves it on.
     """
     if not invocation_ids:
         return []
-    rows = s.execute(
-        update(STEPS)
-        .where(STEPS.c.run_id == run_id, STEPS.c.invocation_id.in_(list(invocation_ids)))
-        .values(deps_left=STEPS.c.deps_left - 1)
-        .returning(STEPS.c.invocation_id, STEPS.c.deps_left, STEPS.c.status)
-    )
-    return [inv for inv, left, status in rows if left == 0 and status == StepStatus.PENDING.value]
+    rows = s.connection().execute(_DECREMENT, {"b_run_id": run_id, "b_invs": list(invocation_ids)})
+    return [r for r in rows if r.deps_left == 0 and r.status == StepStatus.PENDING.value]
 
 
 def transition(
@@ -227,79 +310,55 @@ def transition(
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
-def queue_ready(s: Session, run_id: str, limit: int, now: float) -> list[Row[Any]]:
+def queue_ready(s: Session, run_id: str, limit: int, now: float) -> list[QueuedRow]:
     """Move up to ``limit`` ready steps of a run onto the broker window, lowest position first."""
     if limit <= 0:
         return []
-    rows = s.execute(
-        select(STEPS.c.id, STEPS.c.run_id, STEPS.c.invocation_id, STEPS.c.step_name, STEPS.c.queue)
-        .where(STEPS.c.run_id == run_id, STEPS.c.status == StepStatus.READY.value)
-        .order_by(STEPS.c.position)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
+    c = s.connection()
+    rows = c.execute(_READY, {"run_id": run_id, "limit": limit}).all()
     if not rows:
         return []
     params = [{"_id": r.id, "_task_id": new_id(), "_now": now} for r in rows]
-    s.connection().execute(_QUEUE_READY, params)
+    c.execute(_QUEUE_READY, params)
     return [_with_task(r, p["_task_id"]) for r, p in zip(rows, params, strict=True)]
 
 
 def count_in_flight(s: Session, run_id: str) -> int:
-    return s.execute(
-        select(func.count()).where(
-            StepRunRow.run_id == run_id,
-            StepRunRow.status.in_([StepStatus.QUEUED.value, StepStatus.RUNNING.value]),
-        )
-    ).scalar_one()
+    return s.connection().execute(_IN_FLIGHT, {"run_id": run_id}).scalar_one()
 
 
 def count_unfinished(s: Session, run_id: str) -> int:
-    terminal = [st.value for st in StepStatus if st.is_terminal()]
-    return s.execute(
-        select(func.count()).where(StepRunRow.run_id == run_id, StepRunRow.status.not_in(terminal))
-    ).scalar_one()
+    return s.connection().execute(_UNFINISHED, {"run_id": run_id}).scalar_one()
 
 
-def claim(
-    s: Session, step_run_id: str, *, host: str, pid: int, lease_s: float, now: float
-) -> StepRunRow | None:
+def claim(s: Session, step_run_id: str, *, host: str, pid: int, lease_s: float, now: float) -> Row[Any] | None:
     """Start an attempt of a queued step whose run is still running; None if someone else has it."""
-    run_alive = (
-        select(RunRow.id)
-        .where(RunRow.id == StepRunRow.run_id, RunRow.status == RunStatus.RUNNING.value)
-        .exists()
+    return s.connection().execute(
+        _CLAIM,
+        {"_id": step_run_id, "now": now, "lease": now + lease_s, "host": host, "pid": pid},
+    ).first()
+
+
+def complete_attempt(s: Session, step_run_id: str, attempt: int, *, ended_at: float, logs: str,
+                     step_metadata: dict[str, Any]) -> bool:
+    """Mark attempt ``attempt`` completed (the hot path of :func:`finish_attempt`)."""
+    res = s.connection().execute(
+        _COMPLETE,
+        {"_id": step_run_id, "_attempt": attempt, "ended_at": ended_at, "logs": logs, "step_metadata": step_metadata},
     )
-    return s.execute(
-        update(StepRunRow)
-        .where(StepRunRow.id == step_run_id, StepRunRow.status == StepStatus.QUEUED.value, run_alive)
-        .values(
-            status=StepStatus.RUNNING.value,
-            attempt=StepRunRow.attempt + 1,
-            started_at=now,
-            lease_expires_at=now + lease_s,
-            worker_host=host,
-            worker_pid=pid,
-        )
-        .returning(StepRunRow)
-        .execution_options(synchronize_session=False)
-    ).scalar()
+    return res.rowcount == 1
 
 
-def finish_attempt(
-    s: Session, step_run_id: str, attempt: int, new: StepStatus, **values: Any
-) -> bool:
+def finish_attempt(s: Session, step_run_id: str, attempt: int, new: StepStatus, **values: Any) -> bool:
     """End attempt ``attempt`` of a running step; False when its lease was lost to another attempt."""
-    res = s.execute(
-        update(StepRunRow)
-        .where(
-            StepRunRow.id == step_run_id,
-            StepRunRow.status == StepStatus.RUNNING.value,
-            StepRunRow.attempt == attempt,
-        )
+    if new is StepStatus.COMPLETED and set(values) == {"ended_at", "logs", "step_metadata"}:
+        return complete_attempt(s, step_run_id, attempt, **values)
+    res = s.connection().execute(
+        update(STEPS)
+        .where(STEPS.c.id == step_run_id, STEPS.c.status == StepStatus.RUNNING.value, STEPS.c.attempt == attempt)
         .values(status=new.value, lease_expires_at=None, **values)
     )
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    return res.rowcount == 1
 
 
 def extend_lease(s: Session, step_run_id: str, attempt: int, until: float) -> bool:
@@ -367,19 +426,8 @@ def cache_hits(s: Session, keys: Iterable[str]) -> dict[str, CacheHit]:
     keys = list(keys)
     if not keys:
         return {}
-    rows = s.execute(
-        select(
-            STEPS.c.cache_key, STEPS.c.id, STEPS.c.run_id, STEPS.c.ended_at,
-            LINEAGE.c.name, ARTIFACTS.c.id.label("artifact_id"), ARTIFACTS.c.content_hash,
-        )
-        .select_from(
-            STEPS.outerjoin(LINEAGE, and_(LINEAGE.c.step_run_id == STEPS.c.id, LINEAGE.c.direction == OUTPUT))
-            .outerjoin(ARTIFACTS, ARTIFACTS.c.id == LINEAGE.c.artifact_id)
-        )
-        .where(STEPS.c.cache_key.in_(keys), STEPS.c.status == StepStatus.COMPLETED.value)
-    ).all()
     hits: dict[str, CacheHit] = {}
-    for r in rows:
+    for r in s.connection().execute(_CACHE_HITS, {"keys": keys}):
         hit = hits.get(r.cache_key)
         if hit is None or (hit.step_run_id != r.id and (r.ended_at or 0) > hit.ended_at):
             hit = hits[r.cache_key] = CacheHit(r.id, r.run_id, r.ended_at or 0.0, {})
@@ -413,12 +461,12 @@ def previous_step_runs(
 
 def add_artifacts(s: Session, artifacts: Sequence[dict[str, Any]]) -> None:
     if artifacts:
-        s.execute(insert(ArtifactRow), list(artifacts))
+        s.connection().execute(ARTIFACTS.insert(), list(artifacts))
 
 
 def add_lineage(s: Session, edges: Sequence[dict[str, Any]]) -> None:
     if edges:
-        s.execute(insert(LineageRow), list(edges))
+        s.connection().execute(LINEAGE.insert(), list(edges))
 
 
 def output_artifacts(s: Session, run_id: str, invocation_ids: Iterable[str]) -> dict[tuple[str, str], Row[Any]]:
@@ -426,14 +474,7 @@ def output_artifacts(s: Session, run_id: str, invocation_ids: Iterable[str]) -> 
     ids = list(invocation_ids)
     if not ids:
         return {}
-    rows = s.execute(
-        select(STEPS.c.invocation_id.label("_inv"), LINEAGE.c.name.label("_out"), ARTIFACTS)
-        .select_from(
-            STEPS.join(LINEAGE, and_(LINEAGE.c.step_run_id == STEPS.c.id, LINEAGE.c.direction == OUTPUT))
-            .join(ARTIFACTS, ARTIFACTS.c.id == LINEAGE.c.artifact_id)
-        )
-        .where(STEPS.c.run_id == run_id, STEPS.c.invocation_id.in_(ids))
-    )
+    rows = s.connection().execute(_OUTPUTS, {"run_id": run_id, "invs": ids})
     return {(r._inv, r._out): r for r in rows}
 
 

@@ -209,7 +209,7 @@ def test_cluster_recovers_a_step_whose_worker_was_killed(cluster: Cluster, tmp_p
     assert run.status == "completed"
     assert run.steps["hold"].attempt == 2
     assert run.steps["hold"].output.load() != pid
-    assert "/hold/2/" in run.steps["hold"].output.uri
+    assert "/hold.2." in run.steps["hold"].output.uri
     from sqlalchemy import func, select
 
     from stores.metadata.models import LineageRow

@@ -11,16 +11,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.pipelines import basic, chatty, ml
-from tests.pipelines.fixtures import artifact_files, file_sha256, local_stack  # noqa: F401
+from tests.pipelines import basic, chatty, fixtures, ml
+from tests.pipelines.fixtures import artifact_files, file_sha256
 from zenml_workers import Client, submit
 from zenml_workers.errors import NotFoundError
+from zenml_workers.sdk.client import RunView
 from zenml_workers.settings import Settings
+
+#: The embedded-default stack fixture, used by name as a test argument.
+local_stack = fixtures.local_stack
 
 RUN_TIMEOUT_S = 90.0
 
 
-def _statuses(run) -> dict[str, str]:  # noqa: ANN001 - a RunView
+def _statuses(run: RunView) -> dict[str, str]:
     return {inv: st.status for inv, st in run.steps.items()}
 
 

@@ -41,7 +41,11 @@ def column_means(matrix: np.ndarray) -> Annotated[np.ndarray, "means"]:
 @step
 def report(frame: pd.DataFrame, means: np.ndarray) -> Annotated[dict, "report"]:
     """Row count, id sum and the column means as a JSON-able dict."""
-    return {"rows": len(frame), "id_sum": int(frame["id"].sum()), "means": [float(m) for m in means]}
+    return {
+        "rows": len(frame),
+        "id_sum": int(frame["id"].sum()),
+        "means": [float(m) for m in means],
+    }
 
 
 @pipeline

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
-from scheduler.dispatch import QueuedStep
+from scheduler.dispatch import QueuedStep, fail_run, finish_run_if_done
 from stores.metadata.store import MetadataStore
 from zenml_workers.orchestrators.base import Orchestrator
 from zenml_workers.orchestrators.pool import LocalPool, RunTracker
@@ -37,22 +38,16 @@ class LocalOrchestrator(Orchestrator):
         if not tracker.done.wait(timeout_s):
             return False
         if tracker.error is not None:
-            # A worker process died under the run: nothing else will finish it.
-            import time
-
-            from scheduler.dispatch import fail_run
-
+            # A worker process died or could not record the step: nothing else will finish the run.
             with self.metadata.transaction() as s:
-                fail_run(s, run_id, f"a local worker process died: {tracker.error!r}", now=time.time())
-        else:
-            # Every pool item returned but the run is still open (e.g. cancelled items dropped).
-            import time
-
-            from scheduler.dispatch import finish_run_if_done
-
-            with self.metadata.transaction() as s:
-                finish_run_if_done(s, run_id, now=time.time())
+                fail_run(s, run_id, f"the run stopped: {tracker.error}", now=time.time())
         return True
+
+    def settle_idle(self, run_id: str) -> None:
+        """Close a run whose tasks have all returned but which is still open (its last tasks were
+        dropped, e.g. after a cancel)."""
+        with self.metadata.transaction() as s:
+            finish_run_if_done(s, run_id, now=time.time())
 
     def idle(self, run_id: str) -> bool:
         """True when none of the run's steps is left in the pool."""
@@ -61,6 +56,7 @@ class LocalOrchestrator(Orchestrator):
 
     def forget(self, run_id: str) -> None:
         self._trackers.pop(run_id, None)
+        self.pool.forget(run_id)
 
     def revoke(self, queued: Sequence[str], running: Sequence[str]) -> None:
         # Queued pool items find their run cancelled when they try to claim and

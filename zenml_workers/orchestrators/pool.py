@@ -1,9 +1,11 @@
-"""The embedded default: a pool of local worker processes, no broker.
+"""The embedded default's worker processes: a shared task queue, no broker.
 
-The submitting process plans the run in SQL, hands ready steps to the pool and,
-as each step finishes, sends the follow-up tasks that step's own commit queued.
-Children run :func:`~zenml_workers.worker.execute.execute_step`, the same code
-the Celery workers run.
+Children pull step tasks from one queue and, when a step's commit queues
+follow-up steps, put them straight back on that queue themselves; the parent
+only counts how many tasks each run still has in flight. No parent round trip
+sits between a step and its successors. A lone follow-up (a chain) runs in the
+same child at once. Children run :func:`~zenml_workers.worker.execute.execute_step`,
+the same code the Celery workers run.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import logging
 import multiprocessing
 import os
 import threading
-from concurrent.futures import Future, ProcessPoolExecutor
+import traceback
+from multiprocessing.connection import wait as wait_for
 from typing import Any
 
 from scheduler.dispatch import QueuedStep
@@ -21,104 +24,140 @@ from zenml_workers.specs import StepTask
 
 log = logging.getLogger("zenml_workers.local")
 
-_CHILD: Any = None  # the WorkerContext of a pool child, built by its initializer
 
+def _child_main(settings_json: str, tasks: Any, results: Any) -> None:
+    """Loop of one worker process: run tasks until the ``None`` sentinel."""
+    from zenml_workers.worker.execute import WorkerContext, execute_step
 
-def _init_child(settings_json: str) -> None:
-    global _CHILD
-    from zenml_workers.worker.execute import WorkerContext
-
-    settings = Settings.model_validate_json(settings_json)
-    _CHILD = WorkerContext.from_settings(settings, name=f"local-{os.getpid()}")
-
-
-def _run_in_child(task: dict[str, Any]) -> list[tuple[dict[str, Any], str, str, str]]:
-    from zenml_workers.worker.execute import execute_step
-
-    follow = execute_step(StepTask.decode(task), _CHILD)
-    return [(f.task.encode(), f.queue, f.task_id, f.step_name) for f in follow]
+    ctx = WorkerContext.from_settings(Settings.model_validate_json(settings_json), name=f"local-{os.getpid()}")
+    while True:
+        item = tasks.get()
+        if item is None:
+            return
+        run_id, task = item
+        try:
+            follow = execute_step(StepTask.decode(task), ctx)
+            # A lone follow-up (a chain) runs right here; several go back on the queue
+            # so that every process can take one.
+            while len(follow) == 1:
+                follow = execute_step(follow[0].task, ctx)
+        except BaseException as e:  # recorded by execute_step where it could be; the run cannot go on
+            results.put(("error", run_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            if not isinstance(e, Exception):
+                raise
+            continue
+        # Report before enqueueing: the parent must count the new tasks before any can finish.
+        results.put(("done", run_id, len(follow)))
+        for f in follow:
+            tasks.put((run_id, f.task.encode()))
 
 
 class RunTracker:
-    """Counts a run's steps in the pool; ``done`` is set when none is left."""
+    """Counts a run's tasks in the pool; ``done`` is set when none is left."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.outstanding = 0
-        self.finished_steps = 0
-        self.error: BaseException | None = None
+        self.error: str | None = None
         self.done = threading.Event()
-        self.changed = threading.Condition()
 
 
 class LocalPool:
-    """A lazily started process pool shared by every run this process submits."""
+    """Worker processes shared by every run this process submits, started on first use."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        self._pid = 0
+        self._procs: list[Any] = []
+        self._tasks: Any = None
+        self._results: Any = None
+        self._reader: threading.Thread | None = None
+        self._trackers: dict[str, RunTracker] = {}
 
-    def _executor(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None or self._pid != os.getpid():
-                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-                self._pool = ProcessPoolExecutor(
-                    max_workers=self.settings.local_worker_count(),
-                    mp_context=multiprocessing.get_context(method),
-                    initializer=_init_child,
-                    initargs=(self.settings.model_dump_json(),),
-                )
-                self._pid = os.getpid()
-            return self._pool
+    def _start(self) -> None:
+        if self._procs and self._pid == os.getpid() and all(p.is_alive() for p in self._procs):
+            return
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
+        self._tasks, self._results = ctx.SimpleQueue(), ctx.SimpleQueue()
+        payload = self.settings.model_dump_json()
+        self._procs = [
+            ctx.Process(target=_child_main, args=(payload, self._tasks, self._results), daemon=True,
+                        name=f"zw-local-{i}")
+            for i in range(self.settings.local_worker_count())
+        ]
+        for p in self._procs:
+            p.start()
+        self._pid = os.getpid()
+        self._reader = threading.Thread(target=self._read_results, args=(self._results, list(self._procs)),
+                                        name="zw-local-results", daemon=True)
+        self._reader.start()
 
     def send(self, queued: list[QueuedStep], tracker: RunTracker) -> None:
-        """Start the given steps; their follow-ups are sent as they finish."""
-        if not queued:
-            with tracker.changed:
+        """Start the given steps of ``tracker``'s run; their follow-ups are sent by the children."""
+        with self._lock:
+            self._trackers[tracker.run_id] = tracker
+            if not queued:
                 if tracker.outstanding == 0:
                     tracker.done.set()
-            return
-        pool = self._executor()
-        with tracker.changed:
+                return
+            self._start()
             tracker.outstanding += len(queued)
+            tasks = self._tasks
         for q in queued:
-            try:
-                fut = pool.submit(_run_in_child, q.task.encode())
-            except RuntimeError as e:  # pool shut down or broken
-                self._finish(tracker, [], e)
+            tasks.put((tracker.run_id, q.task.encode()))
+
+    def _read_results(self, results: Any, procs: list[Any]) -> None:
+        sentinels = [p.sentinel for p in procs]
+        reader = results._reader
+        while True:
+            ready = wait_for([reader, *sentinels])
+            if reader in ready:
+                kind, run_id, value = results.get()
+                self._account(kind, run_id, value)
                 continue
-            fut.add_done_callback(lambda f, t=tracker: self._on_done(f, t))
-
-    def _on_done(self, fut: Future[Any], tracker: RunTracker) -> None:
-        try:
-            follow = [
-                QueuedStep(task=StepTask.decode(t), queue=qn, task_id=tid, step_name=name)
-                for t, qn, tid, name in fut.result()
-            ]
-        except BaseException as e:  # a child died (BrokenProcessPool): the run cannot go on here
-            log.error("run %s: local worker process failed: %s", tracker.run_id, e)
+            # A child died (killed, segfault): runs in flight here cannot finish.
+            dead = [p for p in procs if p.sentinel in ready]
             with self._lock:
-                self._pool = None
-            self._finish(tracker, [], e)
+                trackers = list(self._trackers.values())
+                if self._procs is procs:
+                    self._procs = []
+            for tracker in trackers:
+                if tracker.outstanding > 0:
+                    tracker.error = f"local worker process {dead[0].pid} died (exit code {dead[0].exitcode})"
+                    tracker.done.set()
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
             return
-        self._finish(tracker, follow, None)
 
-    def _finish(self, tracker: RunTracker, follow: list[QueuedStep], error: BaseException | None) -> None:
-        if follow:
-            self.send(follow, tracker)
-        with tracker.changed:
-            tracker.outstanding -= 1
-            tracker.finished_steps += 1
-            if error is not None and tracker.error is None:
-                tracker.error = error
+    def _account(self, kind: str, run_id: str, value: Any) -> None:
+        with self._lock:
+            tracker = self._trackers.get(run_id)
+            if tracker is None:
+                return
+            if kind == "error":
+                tracker.error = tracker.error or value
+                tracker.outstanding -= 1
+            else:
+                tracker.outstanding += int(value) - 1
             if tracker.outstanding <= 0:
                 tracker.done.set()
-            tracker.changed.notify_all()
+
+    def forget(self, run_id: str) -> None:
+        with self._lock:
+            self._trackers.pop(run_id, None)
 
     def shutdown(self) -> None:
         with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
+            procs, self._procs = self._procs, []
+            tasks = self._tasks
+        if not procs or self._pid != os.getpid():
+            return
+        for _ in procs:
+            tasks.put(None)
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()

@@ -24,7 +24,13 @@ class ProgressReporter:
         self._last = (done, total)
         if sys.stderr.isatty():
             if self._bar is None:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
 
                 self._bar = Progress(
                     TextColumn(f"run {self.run_id[:8]}"), BarColumn(), MofNCompleteColumn(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,9 @@ def submit(
     stack = get_stack(settings)
     built = pipeline.build(**params)
     spec = built.spec
+    if not stack.settings.enable_cache:
+        # ZW_ENABLE_CACHE=false switches caching off for every step of every pipeline.
+        spec = replace(spec, enable_cache=False, steps=tuple(replace(s, enable_cache=False) for s in spec.steps))
     unknown = sorted({s.queue for s in spec.steps} - set(stack.settings.queues))
     if unknown:
         bad = next(s for s in spec.steps if s.queue in unknown)
@@ -178,6 +182,10 @@ class RunHandle:
                     next_read = now + 0.5
                     if self.status != "running":
                         break
+                    if hint and getattr(orch, "idle", lambda _: False)(self.id):
+                        orch.settle_idle(self.id)  # type: ignore[attr-defined]
+                        if self.status != "running":
+                            break
                     if show:
                         reporter.update(*self.progress())
                     if now - last_blocked_check > 5.0:

@@ -242,7 +242,9 @@ def _store_outputs(
     for spec, value in zip(step.outputs, _split_outputs(step, result), strict=True):
         declared = load_materializer(spec.materializer) if spec.materializer else None
         cls = materializer_for_value(value, declared)
-        key = f"{row.run_id}/{step.invocation_id}/{attempt}/{spec.name}"
+        # One folder per run; the attempt in the name keeps a re-run step from touching
+        # what an earlier attempt wrote (artifacts are immutable).
+        key = f"{row.run_id}/{step.invocation_id}.{attempt}.{spec.name}"
         try:
             with store.writer(key) as w:
                 meta = cls().save(value, w)

@@ -1,0 +1,101 @@
+"""Our Celery worker app with timestamps around each phase of a step, for ``--only profile``.
+
+Start it like the real one (``celery -A bench.traced_worker worker -Q cpu``). Before
+the app is built, it wraps a few functions of the project (in this process only,
+nothing is changed on disk) so that every step attempt appends one JSON line per
+phase boundary to ``$BENCH_TRACE_DIR/<pid>.jsonl``:
+
+    task_start / task_end     the Celery task body (zw.step), in the pool process
+    claim_start / claim_end   the claim UPDATE inside the first transaction
+    succeeded_start / _end    dispatch.step_succeeded (the commit's statements, before COMMIT)
+    execute_end               execute_step returned (COMMIT done)
+    send_start / send_end     publishing the follow-up step tasks
+    publish_end               the run event published on Redis pub/sub
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["app"]
+
+_FILES: dict[int, Any] = {}
+
+
+def _emit(event: str, **fields: Any) -> None:
+    pid = os.getpid()
+    out = _FILES.get(pid)
+    if out is None:
+        folder = Path(os.environ.get("BENCH_TRACE_DIR", "/tmp/zw-bench-trace"))
+        folder.mkdir(parents=True, exist_ok=True)
+        out = _FILES[pid] = open(folder / f"{pid}.jsonl", "a", buffering=1)  # noqa: SIM115 - kept open
+    out.write(json.dumps({"t": time.time(), "pid": pid, "event": event, **fields}) + "\n")
+
+
+def _traced(fn: Callable[..., Any], start: str, end: str, key: Callable[..., dict[str, Any]]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ids = key(*args, **kwargs)
+        _emit(start, **ids)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _emit(end, **ids)
+
+    return wrapper
+
+
+def _install() -> Any:
+    from scheduler import dispatch
+    from stores.metadata import queries as q
+    from zenml_workers.settings import load_settings
+    from zenml_workers.worker import app as app_module
+    from zenml_workers.worker import execute
+
+    def no_ids(*_: Any, **__: Any) -> dict[str, Any]:
+        return {}
+
+    def task_ids(task: Any, *_: Any, **__: Any) -> dict[str, Any]:
+        return {"run": task.run_id, "step": task.invocation_id}
+
+    def claim_ids(_s: Any, step_run_id: str, **__: Any) -> dict[str, Any]:
+        return {"step_run_id": step_run_id}
+
+    def row_ids(_s: Any, row: Any, **__: Any) -> dict[str, Any]:
+        return {"run": row.run_id, "step": row.invocation_id}
+
+    def send_ids(_app: Any, queued: Any) -> dict[str, Any]:
+        return {"steps": [q_.task.invocation_id for q_ in queued]}
+
+    inner_execute = execute.execute_step
+
+    def execute_step(task: Any, ctx: Any) -> Any:
+        _emit("task_start", run=task.run_id, step=task.invocation_id)
+        try:
+            return inner_execute(task, ctx)
+        finally:
+            _emit("execute_end", run=task.run_id, step=task.invocation_id)
+
+    execute.execute_step = execute_step
+    q.claim = _traced(q.claim, "claim_start", "claim_end", claim_ids)
+    dispatch.step_succeeded = _traced(dispatch.step_succeeded, "succeeded_start", "succeeded_end", row_ids)
+    app_module.send_steps = _traced(app_module.send_steps, "send_start", "send_end", send_ids)
+    publish = app_module.RunEvents.publish
+
+    @functools.wraps(publish)
+    def traced_publish(self: Any, run_id: str, *, step: str, idle: bool) -> None:
+        publish(self, run_id, step=step, idle=idle)
+        _emit("publish_end", run=run_id, step=step)
+
+    app_module.RunEvents.publish = traced_publish  # type: ignore[method-assign]
+    del task_ids, no_ids
+    return app_module.create_app(load_settings())
+
+
+app = _install()

@@ -52,17 +52,16 @@ def _traced(fn: Callable[..., Any], start: str, end: str, key: Callable[..., dic
 
 
 def _install() -> Any:
+    import importlib
+
     from scheduler import dispatch
     from stores.metadata import queries as q
     from zenml_workers.settings import load_settings
-    from zenml_workers.worker import app as app_module
     from zenml_workers.worker import execute
 
-    def no_ids(*_: Any, **__: Any) -> dict[str, Any]:
-        return {}
-
-    def task_ids(task: Any, *_: Any, **__: Any) -> dict[str, Any]:
-        return {"run": task.run_id, "step": task.invocation_id}
+    # Not `from zenml_workers.worker import app`: the package's lazy `app` attribute would
+    # build a second Celery app whose (shared) zw.step task would shadow the traced one.
+    app_module = importlib.import_module("zenml_workers.worker.app")
 
     def claim_ids(_s: Any, step_run_id: str, **__: Any) -> dict[str, Any]:
         return {"step_run_id": step_run_id}
@@ -94,7 +93,6 @@ def _install() -> Any:
         _emit("publish_end", run=run_id, step=step)
 
     app_module.RunEvents.publish = traced_publish  # type: ignore[method-assign]
-    del task_ids, no_ids
     return app_module.create_app(load_settings())
 
 

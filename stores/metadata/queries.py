@@ -115,7 +115,7 @@ _COMPLETE = (
     )
     .values(
         status=StepStatus.COMPLETED.value, lease_expires_at=None, ended_at=bindparam("ended_at"),
-        logs=bindparam("logs"), step_metadata=bindparam("step_metadata"),
+        logs=bindparam("logs"), step_metadata=bindparam("step_metadata"), exception="", traceback="",
     )
 )
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class RunStatus(str, Enum):
+class RunStatus(StrEnum):
     """State of a pipeline run."""
 
     RUNNING = "running"
@@ -17,7 +17,7 @@ class RunStatus(str, Enum):
         return self in _TERMINAL_RUN
 
 
-class StepStatus(str, Enum):
+class StepStatus(StrEnum):
     """State of one step invocation inside a run.
 
     ``pending`` waits on upstream steps, ``ready`` waits for a slot in the run's

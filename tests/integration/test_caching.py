@@ -182,10 +182,6 @@ def test_explain_cache_on_a_first_run_says_nothing_to_reuse(local_stack: Setting
     assert len(reasons) == 1 and "no earlier run" in reasons[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Settings.enable_cache (ZW_ENABLE_CACHE) is read but never used by submit/plan_run",
-)
 def test_zw_enable_cache_false_disables_caching_for_every_pipeline(
     local_stack: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

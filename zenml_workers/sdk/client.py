@@ -15,6 +15,7 @@ from typing import Any
 from zenml_workers.errors import NotFoundError
 from zenml_workers.sdk.stack import Stack, get_stack
 from zenml_workers.settings import Settings
+from zenml_workers.specs import PipelineSpec
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,9 @@ class Client:
             ).all()
         outputs: dict[str, dict[str, ArtifactView]] = {}
         inputs: dict[str, dict[str, Any]] = {}
-        list_inputs = _list_inputs(row.spec, {st.id: st.invocation_id for st in steps})
+        spec = PipelineSpec.decode(row.spec)
+        list_inputs = _list_inputs(spec, {st.id: st.invocation_id for st in steps})
+        order = {st.invocation_id: st.output_names() for st in spec.steps}
         for edge, art in edges:
             view = self._artifact_view(art)
             if edge.direction == "output":
@@ -215,7 +218,7 @@ class Client:
                 worker_pid=st.worker_pid, started_at=st.started_at, ended_at=st.ended_at,
                 cache_key=st.cache_key, cached_from_run_id=st.cached_from_run_id, logs=st.logs or "",
                 exception=st.exception or "", traceback=st.traceback or "",
-                outputs=MappingProxyType(outputs.get(st.id, {})),
+                outputs=MappingProxyType(_ordered(outputs.get(st.id, {}), order.get(st.invocation_id, ()))),
                 inputs=MappingProxyType(inputs.get(st.id, {})),
                 metadata=MappingProxyType(dict(st.step_metadata or {})),
             )
@@ -291,13 +294,14 @@ def _enabled(run: RunView, step: str) -> bool:
     return bool(run.config.get("steps", {}).get(step, {}).get("enable_cache", True))
 
 
-def _list_inputs(spec_text: str, invocation_of: dict[str, str]) -> set[tuple[str, str]]:
-    """(step run id, input name) of fan-in inputs: lineage rows do not say, the spec does."""
-    from zenml_workers.specs import PipelineSpec
+def _ordered(outputs: dict[str, ArtifactView], names: tuple[str, ...]) -> dict[str, ArtifactView]:
+    """Outputs in the order the step declares them."""
+    return {n: outputs[n] for n in names if n in outputs} | outputs
 
-    by_inv = {
-        st.invocation_id: {i.name for i in st.inputs if i.is_list} for st in PipelineSpec.decode(spec_text).steps
-    }
+
+def _list_inputs(spec: PipelineSpec, invocation_of: dict[str, str]) -> set[tuple[str, str]]:
+    """(step run id, input name) of fan-in inputs: lineage rows do not say, the spec does."""
+    by_inv = {st.invocation_id: {i.name for i in st.inputs if i.is_list} for st in spec.steps}
     return {(sr, name) for sr, inv in invocation_of.items() for name in by_inv.get(inv, ())}
 
 

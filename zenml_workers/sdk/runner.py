@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from zenml_workers.errors import (
@@ -70,7 +70,7 @@ def submit(
         )
     run_id = str(uuid.uuid4())
     now = time.time()
-    name = run_name or f"{spec.name}-{datetime.now(timezone.utc).strftime('%Y_%m_%d-%H_%M_%S_%f')}"
+    name = run_name or f"{spec.name}-{datetime.now(UTC).strftime('%Y_%m_%d-%H_%M_%S_%f')}"
     config = {
         "parameters": spec.parameters,
         "enable_cache": spec.enable_cache,

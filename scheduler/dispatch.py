@@ -89,7 +89,7 @@ def plan_run(
     pipeline_id = q.ensure_pipeline(s, spec.name, now)
     q.put_code_blobs(s, code_blobs, now)
     by_id, downstream = spec.by_id(), spec.downstream()
-    rows = {
+    rows: dict[str, dict[str, Any]] = {
         st.invocation_id: {
             "id": q.new_id(), "invocation_id": st.invocation_id, "step_name": st.name, "position": i,
             "status": StepStatus.PENDING.value, "queue": st.queue, "attempt": 0,
@@ -125,7 +125,7 @@ def plan_run(
                 if rows[d]["deps_left"] == 0:
                     next_wave.append(d)
         wave = next_wave
-    queued = []
+    queued: list[QueuedStep] = []
     for row in rows.values():
         if row["status"] == StepStatus.READY.value and len(queued) < window:
             row.update(status=StepStatus.QUEUED.value, task_id=q.new_id(), queued_at=now)

@@ -21,7 +21,7 @@ def packages() -> dict[str, str]:
 
     out: dict[str, str] = {}
     for dist in distributions():
-        name = dist.metadata.get("Name")
+        name = dist.metadata["Name"]
         if name:
             out[name.lower()] = dist.version
     return dict(sorted(out.items()))

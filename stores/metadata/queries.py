@@ -11,9 +11,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Row, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Row, Table, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from stores.errors import NotFoundError
@@ -31,11 +31,11 @@ from stores.metadata.states import UNSTARTED, RunStatus, StepStatus
 INPUT = "input"
 OUTPUT = "output"
 
-STEPS = StepRunRow.__table__
-LINEAGE = LineageRow.__table__
-ARTIFACTS = ArtifactRow.__table__
+STEPS = cast(Table, StepRunRow.__table__)
+LINEAGE = cast(Table, LineageRow.__table__)
+ARTIFACTS = cast(Table, ArtifactRow.__table__)
 
-RUNS = RunRow.__table__
+RUNS = cast(Table, RunRow.__table__)
 _TERMINAL = [st.value for st in StepStatus if st.is_terminal()]
 _RUN_ALIVE = (
     select(RUNS.c.id).where(RUNS.c.id == STEPS.c.run_id, RUNS.c.status == RunStatus.RUNNING.value).exists()
@@ -58,9 +58,6 @@ _DECREMENT = (
     .where(STEPS.c.run_id == bindparam("b_run_id"), STEPS.c.invocation_id.in_(bindparam("b_invs", expanding=True)))
     .values(deps_left=STEPS.c.deps_left - 1)
     .returning(STEPS.c.id, STEPS.c.invocation_id, STEPS.c.deps_left, STEPS.c.status)
-)
-_STEP_IDS = select(STEPS.c.id, STEPS.c.invocation_id).where(
-    STEPS.c.run_id == bindparam("run_id"), STEPS.c.invocation_id.in_(bindparam("invs", expanding=True))
 )
 _READY = (
     select(STEPS.c.id, STEPS.c.run_id, STEPS.c.invocation_id, STEPS.c.step_name, STEPS.c.queue)
@@ -152,7 +149,7 @@ class QueuedRow:
     task_id: str
 
 
-def _with_task(r: Row[Any], task_id: str) -> QueuedRow:
+def _with_task(r: Any, task_id: str) -> QueuedRow:
     return QueuedRow(r.id, r.run_id, r.invocation_id, r.step_name, r.queue, task_id)
 
 
@@ -265,11 +262,6 @@ def step_runs(s: Session, run_id: str, invocation_ids: Iterable[str] | None = No
     return list(s.execute(q).scalars())
 
 
-def step_ids(s: Session, run_id: str, invocation_ids: Iterable[str]) -> list[Row[Any]]:
-    """(id, invocation_id) of the given invocations of a run."""
-    return s.connection().execute(_STEP_IDS, {"run_id": run_id, "invs": list(invocation_ids)}).all()
-
-
 def get_step_run(s: Session, step_run_id: str) -> StepRunRow:
     row = s.get(StepRunRow, step_run_id)
     if row is None:
@@ -377,12 +369,12 @@ def extend_lease(s: Session, step_run_id: str, attempt: int, until: float) -> bo
 def stop_unstarted(s: Session, run_id: str, new: StepStatus, now: float) -> list[Row[Any]]:
     """Mark every not-yet-running step of a run ``new`` (skipped or cancelled); return (id, task_id) of them."""
     unstarted = [u.value for u in UNSTARTED]
-    return s.execute(
+    return list(s.execute(
         update(STEPS)
         .where(STEPS.c.run_id == run_id, STEPS.c.status.in_(unstarted))
         .values(status=new.value, ended_at=now)
         .returning(STEPS.c.id, STEPS.c.task_id)
-    ).all()
+    ).all())
 
 
 def expired_leases(s: Session, now: float) -> list[StepRunRow]:

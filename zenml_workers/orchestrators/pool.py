@@ -79,7 +79,7 @@ class LocalPool:
         if self._procs and self._pid == os.getpid() and all(p.is_alive() for p in self._procs):
             return
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        ctx = multiprocessing.get_context(method)
+        ctx: Any = multiprocessing.get_context(method)
         self._tasks, self._results = ctx.SimpleQueue(), ctx.SimpleQueue()
         payload = self.settings.model_dump_json()
         self._procs = [

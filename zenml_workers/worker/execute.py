@@ -17,7 +17,7 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from scheduler import dispatch
 from scheduler.dispatch import QueuedStep
@@ -247,7 +247,7 @@ def _store_outputs(
         key = f"{row.run_id}/{step.invocation_id}.{attempt}.{spec.name}"
         try:
             with store.writer(key) as w:
-                meta = cls().save(value, w)
+                meta = cls().save(value, cast(BinaryIO, w))
         except MaterializerError:
             raise
         except Exception as e:

@@ -13,13 +13,14 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 #: Most characters of a step's output kept in the metadata store (the tail is kept).
 MAX_LOG_CHARS = 1_000_000
 
 
 class _Tee(io.TextIOBase):
-    def __init__(self, buffer: io.StringIO, passthrough: io.TextIOBase | None) -> None:
+    def __init__(self, buffer: io.StringIO, passthrough: Any) -> None:
         self._buffer = buffer
         self._passthrough = passthrough
 

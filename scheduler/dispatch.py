@@ -46,14 +46,18 @@ class SpecCache:
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
-        self._specs: dict[str, tuple[PipelineSpec, dict[str, StepSpec], dict[str, tuple[str, ...]]]] = {}
+        self._specs: dict[
+            str, tuple[PipelineSpec, dict[str, StepSpec], dict[str, tuple[str, ...]]]
+        ] = {}
 
     def put(self, run_id: str, spec: PipelineSpec) -> None:
         if len(self._specs) >= self._size:
             self._specs.pop(next(iter(self._specs)))
         self._specs[run_id] = (spec, spec.by_id(), spec.downstream())
 
-    def get(self, s: Session, run_id: str) -> tuple[PipelineSpec, dict[str, StepSpec], dict[str, tuple[str, ...]]]:
+    def get(
+        self, s: Session, run_id: str
+    ) -> tuple[PipelineSpec, dict[str, StepSpec], dict[str, tuple[str, ...]]]:
         hit = self._specs.get(run_id)
         if hit is None:
             text = s.execute(select(RunRow.spec).where(RunRow.id == run_id)).scalar_one()
@@ -91,12 +95,28 @@ def plan_run(
     by_id, downstream = spec.by_id(), spec.downstream()
     rows: dict[str, dict[str, Any]] = {
         st.invocation_id: {
-            "id": q.new_id(), "invocation_id": st.invocation_id, "step_name": st.name, "position": i,
-            "status": StepStatus.PENDING.value, "queue": st.queue, "attempt": 0,
-            "max_attempts": st.retries + 1, "deps_left": len(st.upstream), "code_hash": st.code_hash,
-            "source_hash": st.source_hash, "logs": "", "exception": "", "traceback": "",
-            "step_metadata": {}, "cache_key": None, "cache_ingredients": None, "cached_from_run_id": None,
-            "cached_from_step_run_id": None, "started_at": None, "ended_at": None, "task_id": None,
+            "id": q.new_id(),
+            "invocation_id": st.invocation_id,
+            "step_name": st.name,
+            "position": i,
+            "status": StepStatus.PENDING.value,
+            "queue": st.queue,
+            "attempt": 0,
+            "max_attempts": st.retries + 1,
+            "deps_left": len(st.upstream),
+            "code_hash": st.code_hash,
+            "source_hash": st.source_hash,
+            "logs": "",
+            "exception": "",
+            "traceback": "",
+            "step_metadata": {},
+            "cache_key": None,
+            "cache_ingredients": None,
+            "cached_from_run_id": None,
+            "cached_from_step_run_id": None,
+            "started_at": None,
+            "ended_at": None,
+            "task_id": None,
             "queued_at": None,
         }
         for i, st in enumerate(spec.steps)
@@ -114,8 +134,13 @@ def plan_run(
             hit = hits.get(key) if by_id[inv].enable_cache else None
             if hit is None or set(hit.outputs) != set(by_id[inv].output_names()):
                 continue
-            row.update(status=StepStatus.CACHED.value, cached_from_run_id=hit.run_id,
-                       cached_from_step_run_id=hit.step_run_id, started_at=now, ended_at=now)
+            row.update(
+                status=StepStatus.CACHED.value,
+                cached_from_run_id=hit.run_id,
+                cached_from_step_run_id=hit.step_run_id,
+                started_at=now,
+                ended_at=now,
+            )
             for name, art in hit.outputs.items():
                 produced[(inv, name)] = art
                 edges.append(_edge(row["id"], run_id, q.OUTPUT, name, 0, art.id))
@@ -129,16 +154,37 @@ def plan_run(
     for row in rows.values():
         if row["status"] == StepStatus.READY.value and len(queued) < window:
             row.update(status=StepStatus.QUEUED.value, task_id=q.new_id(), queued_at=now)
-            queued.append(_queued_step(q.QueuedRow(row["id"], run_id, row["invocation_id"], row["step_name"],
-                                                   row["queue"], row["task_id"]), spec.name))
+            queued.append(
+                _queued_step(
+                    q.QueuedRow(
+                        row["id"],
+                        run_id,
+                        row["invocation_id"],
+                        row["step_name"],
+                        row["queue"],
+                        row["task_id"],
+                    ),
+                    spec.name,
+                )
+            )
     finished = all(StepStatus(r["status"]).is_terminal() for r in rows.values())
     q.create_run(
         s,
         run={
-            "id": run_id, "pipeline_id": pipeline_id, "pipeline_name": spec.name, "name": run_name,
-            "status": (RunStatus.COMPLETED if finished else RunStatus.RUNNING).value, "spec": spec.encode(),
-            "config": config, "environment": environment, "user": user, "orchestrator": orchestrator,
-            "steps_total": len(rows), "created_at": now, "ended_at": now if finished else None, "message": "",
+            "id": run_id,
+            "pipeline_id": pipeline_id,
+            "pipeline_name": spec.name,
+            "name": run_name,
+            "status": (RunStatus.COMPLETED if finished else RunStatus.RUNNING).value,
+            "spec": spec.encode(),
+            "config": config,
+            "environment": environment,
+            "user": user,
+            "orchestrator": orchestrator,
+            "steps_total": len(rows),
+            "created_at": now,
+            "ended_at": now if finished else None,
+            "message": "",
         },
         steps=list(rows.values()),
     )
@@ -148,17 +194,29 @@ def plan_run(
 
 
 def _key(step: StepSpec, produced: dict[tuple[str, str], Any]) -> tuple[str, dict[str, Any]]:
-    hashes = {i.name: [produced[(r.step, r.output)].content_hash for r in i.refs] for i in step.inputs}
+    hashes = {
+        i.name: [produced[(r.step, r.output)].content_hash for r in i.refs] for i in step.inputs
+    }
     ingr = cache.ingredients(step, hashes)
     return cache.cache_key(ingr), ingr
 
 
-def _edge(step_run_id: str, run_id: str, direction: str, name: str, position: int, artifact_id: str) -> dict[str, Any]:
-    return {"step_run_id": step_run_id, "direction": direction, "name": name, "position": position,
-            "artifact_id": artifact_id, "run_id": run_id}
+def _edge(
+    step_run_id: str, run_id: str, direction: str, name: str, position: int, artifact_id: str
+) -> dict[str, Any]:
+    return {
+        "step_run_id": step_run_id,
+        "direction": direction,
+        "name": name,
+        "position": position,
+        "artifact_id": artifact_id,
+        "run_id": run_id,
+    }
 
 
-def input_edges(step: StepSpec, step_run_id: str, run_id: str, produced: dict[tuple[str, str], Any]) -> list[dict[str, Any]]:
+def input_edges(
+    step: StepSpec, step_run_id: str, run_id: str, produced: dict[tuple[str, str], Any]
+) -> list[dict[str, Any]]:
     """Lineage rows recording which artifacts a step run consumed."""
     return [
         _edge(step_run_id, run_id, q.INPUT, i.name, pos, produced[(ref.step, ref.output)].id)
@@ -186,8 +244,13 @@ def _resolve(
     produced: dict[tuple[str, str], Any] = dict(known or {})
     wave = list(unblocked)
     while wave:
-        missing = {r.step for w in wave for i in by_id[w.invocation_id].inputs for r in i.refs
-                   if (r.step, r.output) not in produced}
+        missing = {
+            r.step
+            for w in wave
+            for i in by_id[w.invocation_id].inputs
+            for r in i.refs
+            if (r.step, r.output) not in produced
+        }
         if missing:
             produced.update(q.output_artifacts(s, run_id, missing))
         keyed = {w.invocation_id: _key(by_id[w.invocation_id], produced) for w in wave}
@@ -199,12 +262,24 @@ def _resolve(
             inv, step = w.invocation_id, by_id[w.invocation_id]
             key, ingr = keyed[inv]
             hit = hits.get(key) if step.enable_cache else None
-            row = {"_id": w.id, "status": StepStatus.READY.value, "cache_key": key, "cache_ingredients": ingr,
-                   "cached_from_run_id": None, "cached_from_step_run_id": None, "started_at": None,
-                   "ended_at": None}
+            row = {
+                "_id": w.id,
+                "status": StepStatus.READY.value,
+                "cache_key": key,
+                "cache_ingredients": ingr,
+                "cached_from_run_id": None,
+                "cached_from_step_run_id": None,
+                "started_at": None,
+                "ended_at": None,
+            }
             if hit is not None and set(hit.outputs) == set(step.output_names()):
-                row.update(status=StepStatus.CACHED.value, cached_from_run_id=hit.run_id,
-                           cached_from_step_run_id=hit.step_run_id, started_at=now, ended_at=now)
+                row.update(
+                    status=StepStatus.CACHED.value,
+                    cached_from_run_id=hit.run_id,
+                    cached_from_step_run_id=hit.step_run_id,
+                    started_at=now,
+                    ended_at=now,
+                )
                 cached.append(inv)
                 for name, art in hit.outputs.items():
                     produced[(inv, name)] = art
@@ -220,14 +295,18 @@ def _resolve(
     return queued
 
 
-def fill_window(s: Session, run_id: str, pipeline: str, *, window: int, now: float) -> list[QueuedStep]:
+def fill_window(
+    s: Session, run_id: str, pipeline: str, *, window: int, now: float
+) -> list[QueuedStep]:
     """Queue ready steps of a run until ``window`` of them are on the broker or running."""
     free = window - q.count_in_flight(s, run_id)
     return [_queued_step(row, pipeline) for row in q.queue_ready(s, run_id, free, now)]
 
 
 def _queued_step(row: Any, pipeline: str) -> QueuedStep:
-    task = StepTask(run_id=row.run_id, step_run_id=row.id, invocation_id=row.invocation_id, pipeline=pipeline)
+    task = StepTask(
+        run_id=row.run_id, step_run_id=row.id, invocation_id=row.invocation_id, pipeline=pipeline
+    )
     return QueuedStep(task=task, queue=row.queue, task_id=row.task_id, step_name=row.step_name)
 
 
@@ -258,7 +337,9 @@ def step_succeeded(
         return []
     _, _, downstream = SPECS.get(s, row.run_id)
     unblocked = q.decrement_deps(s, row.run_id, downstream[row.invocation_id])
-    known = {(row.invocation_id, a["name"]): q.ArtifactRef(a["id"], a["content_hash"]) for a in artifacts}
+    known = {
+        (row.invocation_id, a["name"]): q.ArtifactRef(a["id"], a["content_hash"]) for a in artifacts
+    }
     return _resolve(s, row.run_id, unblocked, window=window, now=now, known=known)
 
 
@@ -281,15 +362,31 @@ def step_failed(
     if retry_allowed and attempt < row.max_attempts:
         task_id = q.new_id()
         if not q.finish_attempt(
-            s, row.id, attempt, StepStatus.QUEUED, queued_at=now, task_id=task_id,
-            exception=error, traceback=traceback, **values,
+            s,
+            row.id,
+            attempt,
+            StepStatus.QUEUED,
+            queued_at=now,
+            task_id=task_id,
+            exception=error,
+            traceback=traceback,
+            **values,
         ):
             return None
         spec, _, _ = SPECS.get(s, row.run_id)
-        retry = q.QueuedRow(row.id, row.run_id, row.invocation_id, row.step_name, row.queue, task_id)
+        retry = q.QueuedRow(
+            row.id, row.run_id, row.invocation_id, row.step_name, row.queue, task_id
+        )
         return [_queued_step(retry, spec.name)]
     if not q.finish_attempt(
-        s, row.id, attempt, StepStatus.FAILED, ended_at=now, exception=error, traceback=traceback, **values
+        s,
+        row.id,
+        attempt,
+        StepStatus.FAILED,
+        ended_at=now,
+        exception=error,
+        traceback=traceback,
+        **values,
     ):
         return None
     fail_run(s, row.run_id, f"step {row.invocation_id!r} failed: {error}", now=now)
@@ -310,5 +407,7 @@ def cancel_run(s: Session, run_id: str, *, now: float) -> tuple[list[str], list[
     queued = [r.task_id for r in unstarted if r.task_id]
     running = [r for r in q.step_runs(s, run_id) if r.status == StepStatus.RUNNING.value]
     for r in running:
-        q.transition(s, r.id, StepStatus.RUNNING, StepStatus.CANCELLED, ended_at=now, lease_expires_at=None)
+        q.transition(
+            s, r.id, StepStatus.RUNNING, StepStatus.CANCELLED, ended_at=now, lease_expires_at=None
+        )
     return queued, [r.task_id for r in running if r.task_id]

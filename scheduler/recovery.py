@@ -47,27 +47,53 @@ def recover(s: Session, *, now: float, policy: RecoveryPolicy) -> list[QueuedSte
         if row.attempt < max(row.max_attempts, 2):
             task_id = q.new_id()
             if q.transition(
-                s, row.id, StepStatus.RUNNING, StepStatus.QUEUED, queued_at=now, task_id=task_id,
-                lease_expires_at=None, exception=f"attempt {row.attempt} lost its worker (lease expired)",
+                s,
+                row.id,
+                StepStatus.RUNNING,
+                StepStatus.QUEUED,
+                queued_at=now,
+                task_id=task_id,
+                lease_expires_at=None,
+                exception=f"attempt {row.attempt} lost its worker (lease expired)",
             ):
-                log.warning("run %s step %s: lease expired on %s, requeued", row.run_id, row.invocation_id,
-                            row.worker_host)
+                log.warning(
+                    "run %s step %s: lease expired on %s, requeued",
+                    row.run_id,
+                    row.invocation_id,
+                    row.worker_host,
+                )
                 row.task_id = task_id
                 out.append(dispatch._queued_step(row, pipeline_of(row.run_id)))
         elif q.finish_attempt(
-            s, row.id, row.attempt, StepStatus.FAILED, ended_at=now,
+            s,
+            row.id,
+            row.attempt,
+            StepStatus.FAILED,
+            ended_at=now,
             exception=f"WorkerLostError: the worker running attempt {row.attempt} on {row.worker_host} vanished",
         ):
-            log.error("run %s step %s: out of attempts after a lost worker", row.run_id, row.invocation_id)
-            dispatch.fail_run(s, row.run_id, f"step {row.invocation_id!r} lost its worker {row.attempt} times",
-                              now=now)
+            log.error(
+                "run %s step %s: out of attempts after a lost worker", row.run_id, row.invocation_id
+            )
+            dispatch.fail_run(
+                s,
+                row.run_id,
+                f"step {row.invocation_id!r} lost its worker {row.attempt} times",
+                now=now,
+            )
     for row in q.stale_queued(s, now - policy.requeue_queued_after_s):
         q.transition(s, row.id, StepStatus.QUEUED, StepStatus.QUEUED, queued_at=now)
-        log.warning("run %s step %s: queued but unclaimed since %.0fs, sent again", row.run_id,
-                    row.invocation_id, now - (row.queued_at or now))
+        log.warning(
+            "run %s step %s: queued but unclaimed since %.0fs, sent again",
+            row.run_id,
+            row.invocation_id,
+            now - (row.queued_at or now),
+        )
         out.append(dispatch._queued_step(row, pipeline_of(row.run_id)))
     for run in q.running_runs(s):
         if not dispatch.finish_run_if_done(s, run.id, now=now):
             dispatch.SPECS.get(s, run.id)
-            out.extend(dispatch.fill_window(s, run.id, run.pipeline_name, window=policy.window, now=now))
+            out.extend(
+                dispatch.fill_window(s, run.id, run.pipeline_name, window=policy.window, now=now)
+            )
     return out

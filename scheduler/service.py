@@ -68,7 +68,8 @@ class SchedulerService:
                     continue
                 for run_id in {rid for rid, _ in steps}:
                     q.set_run_message(
-                        s, run_id,
+                        s,
+                        run_id,
                         f"steps wait on queue {queue!r}, which no live worker consumes; "
                         f"start one with `zw worker --queues {queue}`",
                     )

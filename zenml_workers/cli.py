@@ -26,7 +26,9 @@ def _when(ts: float | None) -> str:
 
 
 @click.group()
-@click.option("--stack-file", envvar="ZW_STACK_FILE", default=None, help="TOML stack file (ZW_STACK_FILE).")
+@click.option(
+    "--stack-file", envvar="ZW_STACK_FILE", default=None, help="TOML stack file (ZW_STACK_FILE)."
+)
 @click.pass_context
 def cli(ctx: click.Context, stack_file: str | None) -> None:
     """zenml-workers: ZenML-style pipelines on Celery workers."""
@@ -35,21 +37,32 @@ def cli(ctx: click.Context, stack_file: str | None) -> None:
 
 
 @cli.command()
-@click.option("--queues", "-Q", default="cpu", show_default=True, help="Comma-separated queues to consume.")
-@click.option("--concurrency", "-c", type=int, default=None, help="Worker processes (gpu: 1 per GPU).")
+@click.option(
+    "--queues", "-Q", default="cpu", show_default=True, help="Comma-separated queues to consume."
+)
+@click.option(
+    "--concurrency", "-c", type=int, default=None, help="Worker processes (gpu: 1 per GPU)."
+)
 @click.option("--pool", "-P", default=None, help="Celery pool (default: prefork; solo for gpu).")
 @click.option("--hostname", "-n", default=None, help="Worker node name (default: celery's).")
 @click.option("--skip-gpu-check", is_flag=True, help="Consume the gpu queue without a visible GPU.")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.pass_context
 def worker(
-    ctx: click.Context, queues: str, concurrency: int | None, pool: str | None, hostname: str | None,
-    skip_gpu_check: bool, loglevel: str,
+    ctx: click.Context,
+    queues: str,
+    concurrency: int | None,
+    pool: str | None,
+    hostname: str | None,
+    skip_gpu_check: bool,
+    loglevel: str,
 ) -> None:
     """Start a Celery worker on the configured broker."""
     settings = _settings(ctx)
     if settings.is_embedded:
-        raise click.UsageError("no broker configured; set ZW_BROKER_URL (e.g. redis://localhost:6379/0)")
+        raise click.UsageError(
+            "no broker configured; set ZW_BROKER_URL (e.g. redis://localhost:6379/0)"
+        )
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in names if q not in settings.queues]
     if unknown:
@@ -69,8 +82,21 @@ def worker(
     app = create_app(settings)
     # CUDA breaks in a child forked after it was initialised: one solo process per GPU.
     pool = pool or ("solo" if gpu else "prefork")
-    argv = ["worker", "-Q", ",".join(names), "-P", pool, "-E", "-O", "fair", "--prefetch-multiplier", "1",
-            "--without-gossip", "--without-mingle", f"--loglevel={loglevel}"]
+    argv = [
+        "worker",
+        "-Q",
+        ",".join(names),
+        "-P",
+        pool,
+        "-E",
+        "-O",
+        "fair",
+        "--prefetch-multiplier",
+        "1",
+        "--without-gossip",
+        "--without-mingle",
+        f"--loglevel={loglevel}",
+    ]
     if concurrency is not None and pool != "solo":
         argv += ["-c", str(concurrency)]
     if hostname:
@@ -79,8 +105,14 @@ def worker(
 
 
 @cli.command()
-@click.option("--interval", type=float, default=5.0, show_default=True, envvar="ZW_SCHEDULER_INTERVAL_S",
-              help="Seconds between recovery passes (ZW_SCHEDULER_INTERVAL_S).")
+@click.option(
+    "--interval",
+    type=float,
+    default=5.0,
+    show_default=True,
+    envvar="ZW_SCHEDULER_INTERVAL_S",
+    help="Seconds between recovery passes (ZW_SCHEDULER_INTERVAL_S).",
+)
 @click.option("--once", is_flag=True, help="Run one recovery pass and exit.")
 @click.pass_context
 def scheduler(ctx: click.Context, interval: float, once: bool) -> None:
@@ -92,7 +124,9 @@ def scheduler(ctx: click.Context, interval: float, once: bool) -> None:
     from stores.metadata.store import MetadataStore
     from zenml_workers.worker.app import create_app, send_steps
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     settings = _settings(ctx)
     if settings.is_embedded:
         raise click.UsageError("the scheduler serves a cluster; set ZW_BROKER_URL")
@@ -123,10 +157,21 @@ def flower(ctx: click.Context, port: int, address: str, flower_args: tuple[str, 
     settings = _settings(ctx)
     if settings.is_embedded:
         raise click.UsageError("Flower watches a broker; set ZW_BROKER_URL")
-    os.execvp(sys.executable, [
-        sys.executable, "-m", "celery", "-A", "zenml_workers.worker", f"--broker={settings.broker_url}",
-        "flower", f"--port={port}", f"--address={address}", *flower_args,
-    ])
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "zenml_workers.worker",
+            f"--broker={settings.broker_url}",
+            "flower",
+            f"--port={port}",
+            f"--address={address}",
+            *flower_args,
+        ],
+    )
 
 
 @cli.command()
@@ -144,8 +189,15 @@ def runs(ctx: click.Context, pipeline: str | None, limit: int) -> None:
     for run in Client(_settings(ctx)).list_runs(pipeline=pipeline, limit=limit):
         cached = sum(1 for s in run.steps.values() if s.is_cached)
         duration = f"{run.duration_s:.2f}s" if run.duration_s is not None else "-"
-        table.add_row(run.id[:8], run.pipeline, run.status, str(len(run.steps)), str(cached),
-                      _when(run.created_at), duration)
+        table.add_row(
+            run.id[:8],
+            run.pipeline,
+            run.status,
+            str(len(run.steps)),
+            str(cached),
+            _when(run.created_at),
+            duration,
+        )
     Console().print(table)
 
 
@@ -161,12 +213,21 @@ def show(ctx: click.Context, run_id: str) -> None:
 
     run = Client(_settings(ctx)).get_run(run_id)
     console = Console()
-    console.print(f"run [bold]{run.id}[/bold] of [bold]{run.pipeline}[/bold]: {run.status} {run.message}")
+    console.print(
+        f"run [bold]{run.id}[/bold] of [bold]{run.pipeline}[/bold]: {run.status} {run.message}"
+    )
     table = Table("step", "status", "queue", "attempt", "host", "duration", "outputs")
     for st in run.steps.values():
         duration = f"{st.duration_s:.3f}s" if st.duration_s is not None else "-"
-        table.add_row(st.invocation_id, st.status, st.queue, str(st.attempt), st.worker_host or "-", duration,
-                      ", ".join(st.outputs))
+        table.add_row(
+            st.invocation_id,
+            st.status,
+            st.queue,
+            str(st.attempt),
+            st.worker_host or "-",
+            duration,
+            ", ".join(st.outputs),
+        )
     console.print(table)
 
 
@@ -220,7 +281,9 @@ def stack(ctx: click.Context) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: turns our errors into one line and exit status 1."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="zw", standalone_mode=False)
+        cli.main(
+            args=list(argv) if argv is not None else None, prog_name="zw", standalone_mode=False
+        )
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:

@@ -47,7 +47,15 @@ def git_state(directory: str) -> dict[str, Any]:
         return {}
     try:
         out = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain=v2", "--branch", "--untracked-files=no"],
+            [
+                "git",
+                "-C",
+                str(root),
+                "status",
+                "--porcelain=v2",
+                "--branch",
+                "--untracked-files=no",
+            ],
             capture_output=True,
             text=True,
             timeout=10,

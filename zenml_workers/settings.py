@@ -122,8 +122,14 @@ def load_settings(stack_file: str | os.PathLike[str] | None = None, **overrides:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "settings"
-        source = f"stack file {path}" if path and where in file_values else f"ZW_{where.upper()} or its argument"
-        raise ConfigurationError(f"invalid setting {where!r} ({err['msg']}); fix it in {source}") from e
+        source = (
+            f"stack file {path}"
+            if path and where in file_values
+            else f"ZW_{where.upper()} or its argument"
+        )
+        raise ConfigurationError(
+            f"invalid setting {where!r} ({err['msg']}); fix it in {source}"
+        ) from e
 
 
 def read_stack_file(path: Path) -> dict[str, Any]:
@@ -135,9 +141,13 @@ def read_stack_file(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError as e:
-        raise ConfigurationError(f"stack file {path} does not exist; fix ZW_STACK_FILE or create it") from e
+        raise ConfigurationError(
+            f"stack file {path} does not exist; fix ZW_STACK_FILE or create it"
+        ) from e
     except tomllib.TOMLDecodeError as e:
-        raise ConfigurationError(f"stack file {path} is not valid TOML ({e}); fix the syntax on that line") from e
+        raise ConfigurationError(
+            f"stack file {path} is not valid TOML ({e}); fix the syntax on that line"
+        ) from e
     data = data.get("stack", data)
     known = set(Settings.model_fields)
     unknown = sorted(set(data) - known)

@@ -25,7 +25,9 @@ def canonical_json(value: Any) -> str:
     Floats go through ``repr`` (shortest round-tripping form), so ``1.0`` and
     ``1.00`` agree; an integral float stays distinct from an int of the same value.
     """
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True
+    )
 
 
 @dataclass(frozen=True)

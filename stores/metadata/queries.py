@@ -11,12 +11,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Row, Table, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Row, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from stores.errors import NotFoundError
+from stores.metadata import statements as sql
 from stores.metadata.models import (
     ArtifactRow,
     CodeBlobRow,
@@ -28,99 +29,9 @@ from stores.metadata.models import (
 )
 from stores.metadata.states import UNSTARTED, RunStatus, StepStatus
 
-INPUT = "input"
-OUTPUT = "output"
-
-STEPS = cast(Table, StepRunRow.__table__)
-LINEAGE = cast(Table, LineageRow.__table__)
-ARTIFACTS = cast(Table, ArtifactRow.__table__)
-
-RUNS = cast(Table, RunRow.__table__)
-_TERMINAL = [st.value for st in StepStatus if st.is_terminal()]
-_RUN_ALIVE = (
-    select(RUNS.c.id).where(RUNS.c.id == STEPS.c.run_id, RUNS.c.status == RunStatus.RUNNING.value).exists()
-)
-_CLAIM = (
-    update(STEPS)
-    .where(STEPS.c.id == bindparam("_id"), STEPS.c.status == StepStatus.QUEUED.value, _RUN_ALIVE)
-    .values(
-        status=StepStatus.RUNNING.value,
-        attempt=STEPS.c.attempt + 1,
-        started_at=bindparam("now"),
-        lease_expires_at=bindparam("lease"),
-        worker_host=bindparam("host"),
-        worker_pid=bindparam("pid"),
-    )
-    .returning(*STEPS.c)
-)
-_DECREMENT = (
-    update(STEPS)
-    .where(STEPS.c.run_id == bindparam("b_run_id"), STEPS.c.invocation_id.in_(bindparam("b_invs", expanding=True)))
-    .values(deps_left=STEPS.c.deps_left - 1)
-    .returning(STEPS.c.id, STEPS.c.invocation_id, STEPS.c.deps_left, STEPS.c.status)
-)
-_READY = (
-    select(STEPS.c.id, STEPS.c.run_id, STEPS.c.invocation_id, STEPS.c.step_name, STEPS.c.queue)
-    .where(STEPS.c.run_id == bindparam("run_id"), STEPS.c.status == StepStatus.READY.value)
-    .order_by(STEPS.c.position)
-    .limit(bindparam("limit"))
-    .with_for_update(skip_locked=True)
-)
-_IN_FLIGHT = select(func.count()).where(
-    STEPS.c.run_id == bindparam("run_id"),
-    STEPS.c.status.in_([StepStatus.QUEUED.value, StepStatus.RUNNING.value]),
-)
-_UNFINISHED = select(func.count()).where(STEPS.c.run_id == bindparam("run_id"), STEPS.c.status.not_in(_TERMINAL))
-_RUN_STATUS = select(RUNS.c.status).where(RUNS.c.id == bindparam("run_id"))
-_OUTPUTS = (
-    select(STEPS.c.invocation_id.label("_inv"), LINEAGE.c.name.label("_out"), ARTIFACTS)
-    .select_from(
-        STEPS.join(LINEAGE, and_(LINEAGE.c.step_run_id == STEPS.c.id, LINEAGE.c.direction == OUTPUT)).join(
-            ARTIFACTS, ARTIFACTS.c.id == LINEAGE.c.artifact_id
-        )
-    )
-    .where(STEPS.c.run_id == bindparam("run_id"), STEPS.c.invocation_id.in_(bindparam("invs", expanding=True)))
-)
-_CACHE_HITS = (
-    select(
-        STEPS.c.cache_key, STEPS.c.id, STEPS.c.run_id, STEPS.c.ended_at,
-        LINEAGE.c.name, ARTIFACTS.c.id.label("artifact_id"), ARTIFACTS.c.content_hash,
-    )
-    .select_from(
-        STEPS.outerjoin(LINEAGE, and_(LINEAGE.c.step_run_id == STEPS.c.id, LINEAGE.c.direction == OUTPUT))
-        .outerjoin(ARTIFACTS, ARTIFACTS.c.id == LINEAGE.c.artifact_id)
-    )
-    .where(STEPS.c.cache_key.in_(bindparam("keys", expanding=True)), STEPS.c.status == StepStatus.COMPLETED.value)
-)
-_SET_STEP = (
-    update(STEPS)
-    .where(STEPS.c.id == bindparam("_id"))
-    .values(
-        status=bindparam("status"), cache_key=bindparam("cache_key"),
-        cache_ingredients=bindparam("cache_ingredients"), cached_from_run_id=bindparam("cached_from_run_id"),
-        cached_from_step_run_id=bindparam("cached_from_step_run_id"), started_at=bindparam("started_at"),
-        ended_at=bindparam("ended_at"),
-    )
-)
-
-_COMPLETE = (
-    update(STEPS)
-    .where(
-        STEPS.c.id == bindparam("_id"),
-        STEPS.c.status == StepStatus.RUNNING.value,
-        STEPS.c.attempt == bindparam("_attempt"),
-    )
-    .values(
-        status=StepStatus.COMPLETED.value, lease_expires_at=None, ended_at=bindparam("ended_at"),
-        logs=bindparam("logs"), step_metadata=bindparam("step_metadata"), exception="", traceback="",
-    )
-)
-
-_QUEUE_READY = (
-    update(STEPS)
-    .where(STEPS.c.id == bindparam("_id"), STEPS.c.status == StepStatus.READY.value)
-    .values(status=StepStatus.QUEUED.value, task_id=bindparam("_task_id"), queued_at=bindparam("_now"))
-)
+INPUT = sql.INPUT
+OUTPUT = sql.OUTPUT
+STEPS, LINEAGE, ARTIFACTS, RUNS = sql.STEPS, sql.LINEAGE, sql.ARTIFACTS, sql.RUNS
 
 
 @dataclass(frozen=True)
@@ -175,7 +86,9 @@ def put_code_blobs(s: Session, blobs: Sequence[dict[str, Any]], now: float) -> N
     if not blobs:
         return
     hashes = [b["code_hash"] for b in blobs]
-    have = set(s.execute(select(CodeBlobRow.code_hash).where(CodeBlobRow.code_hash.in_(hashes))).scalars())
+    have = set(
+        s.execute(select(CodeBlobRow.code_hash).where(CodeBlobRow.code_hash.in_(hashes))).scalars()
+    )
     missing = [dict(b, created_at=now) for b in blobs if b["code_hash"] not in have]
     if missing:
         s.execute(insert(CodeBlobRow), missing)
@@ -184,7 +97,7 @@ def put_code_blobs(s: Session, blobs: Sequence[dict[str, Any]], now: float) -> N
 def settle_steps(s: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Write the cache decision of just-unblocked steps (ready or cached) in one executemany."""
     if rows:
-        s.connection().execute(_SET_STEP, list(rows))
+        s.connection().execute(sql.SET_STEP, list(rows))
 
 
 def get_code_blob(s: Session, code_hash: str) -> CodeBlobRow:
@@ -227,7 +140,9 @@ def list_runs(s: Session, *, pipeline: str | None = None, limit: int = 50) -> li
     return list(s.execute(q).scalars())
 
 
-def set_run_status(s: Session, run_id: str, status: RunStatus, *, now: float, message: str | None = None) -> bool:
+def set_run_status(
+    s: Session, run_id: str, status: RunStatus, *, now: float, message: str | None = None
+) -> bool:
     """Move a running run to ``status``; False when it had already ended."""
     values: dict[str, Any] = {"status": status.value}
     if status.is_terminal():
@@ -235,13 +150,15 @@ def set_run_status(s: Session, run_id: str, status: RunStatus, *, now: float, me
     if message is not None:
         values["message"] = message
     res = s.connection().execute(
-        update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status == RunStatus.RUNNING.value).values(**values)
+        update(RUNS)
+        .where(RUNS.c.id == run_id, RUNS.c.status == RunStatus.RUNNING.value)
+        .values(**values)
     )
     return res.rowcount == 1
 
 
 def run_status(s: Session, run_id: str) -> str:
-    return s.connection().execute(_RUN_STATUS, {"run_id": run_id}).scalar_one()
+    return s.connection().execute(sql.RUN_STATUS, {"run_id": run_id}).scalar_one()
 
 
 def set_run_message(s: Session, run_id: str, message: str) -> None:
@@ -255,7 +172,9 @@ def running_runs(s: Session) -> list[RunRow]:
 # -- step runs ------------------------------------------------------------------------------
 
 
-def step_runs(s: Session, run_id: str, invocation_ids: Iterable[str] | None = None) -> list[StepRunRow]:
+def step_runs(
+    s: Session, run_id: str, invocation_ids: Iterable[str] | None = None
+) -> list[StepRunRow]:
     q = select(StepRunRow).where(StepRunRow.run_id == run_id).order_by(StepRunRow.position)
     if invocation_ids is not None:
         q = q.where(StepRunRow.invocation_id.in_(list(invocation_ids)))
@@ -271,7 +190,9 @@ def get_step_run(s: Session, step_run_id: str) -> StepRunRow:
 
 def status_counts(s: Session, run_id: str) -> dict[str, int]:
     rows = s.execute(
-        select(StepRunRow.status, func.count()).where(StepRunRow.run_id == run_id).group_by(StepRunRow.status)
+        select(StepRunRow.status, func.count())
+        .where(StepRunRow.run_id == run_id)
+        .group_by(StepRunRow.status)
     )
     return {status: n for status, n in rows}
 
@@ -285,12 +206,18 @@ def decrement_deps(s: Session, run_id: str, invocation_ids: Sequence[str]) -> li
     """
     if not invocation_ids:
         return []
-    rows = s.connection().execute(_DECREMENT, {"b_run_id": run_id, "b_invs": list(invocation_ids)})
+    rows = s.connection().execute(
+        sql.DECREMENT, {"b_run_id": run_id, "b_invs": list(invocation_ids)}
+    )
     return [r for r in rows if r.deps_left == 0 and r.status == StepStatus.PENDING.value]
 
 
 def transition(
-    s: Session, step_run_id: str, expected: StepStatus | Sequence[StepStatus], new: StepStatus, **values: Any
+    s: Session,
+    step_run_id: str,
+    expected: StepStatus | Sequence[StepStatus],
+    new: StepStatus,
+    **values: Any,
 ) -> bool:
     """Guarded status change; True when this caller made it."""
     exp = [expected] if isinstance(expected, StepStatus) else list(expected)
@@ -307,47 +234,72 @@ def queue_ready(s: Session, run_id: str, limit: int, now: float) -> list[QueuedR
     if limit <= 0:
         return []
     c = s.connection()
-    rows = c.execute(_READY, {"run_id": run_id, "limit": limit}).all()
+    rows = c.execute(sql.READY, {"run_id": run_id, "limit": limit}).all()
     if not rows:
         return []
     params = [{"_id": r.id, "_task_id": new_id(), "_now": now} for r in rows]
-    c.execute(_QUEUE_READY, params)
+    c.execute(sql.QUEUE_READY, params)
     return [_with_task(r, p["_task_id"]) for r, p in zip(rows, params, strict=True)]
 
 
 def count_in_flight(s: Session, run_id: str) -> int:
-    return s.connection().execute(_IN_FLIGHT, {"run_id": run_id}).scalar_one()
+    return s.connection().execute(sql.IN_FLIGHT, {"run_id": run_id}).scalar_one()
 
 
 def count_unfinished(s: Session, run_id: str) -> int:
-    return s.connection().execute(_UNFINISHED, {"run_id": run_id}).scalar_one()
+    return s.connection().execute(sql.UNFINISHED, {"run_id": run_id}).scalar_one()
 
 
-def claim(s: Session, step_run_id: str, *, host: str, pid: int, lease_s: float, now: float) -> Row[Any] | None:
+def claim(
+    s: Session, step_run_id: str, *, host: str, pid: int, lease_s: float, now: float
+) -> Row[Any] | None:
     """Start an attempt of a queued step whose run is still running; None if someone else has it."""
-    return s.connection().execute(
-        _CLAIM,
-        {"_id": step_run_id, "now": now, "lease": now + lease_s, "host": host, "pid": pid},
-    ).first()
+    return (
+        s.connection()
+        .execute(
+            sql.CLAIM,
+            {"_id": step_run_id, "now": now, "lease": now + lease_s, "host": host, "pid": pid},
+        )
+        .first()
+    )
 
 
-def complete_attempt(s: Session, step_run_id: str, attempt: int, *, ended_at: float, logs: str,
-                     step_metadata: dict[str, Any]) -> bool:
+def complete_attempt(
+    s: Session,
+    step_run_id: str,
+    attempt: int,
+    *,
+    ended_at: float,
+    logs: str,
+    step_metadata: dict[str, Any],
+) -> bool:
     """Mark attempt ``attempt`` completed (the hot path of :func:`finish_attempt`)."""
     res = s.connection().execute(
-        _COMPLETE,
-        {"_id": step_run_id, "_attempt": attempt, "ended_at": ended_at, "logs": logs, "step_metadata": step_metadata},
+        sql.COMPLETE,
+        {
+            "_id": step_run_id,
+            "_attempt": attempt,
+            "ended_at": ended_at,
+            "logs": logs,
+            "step_metadata": step_metadata,
+        },
     )
     return res.rowcount == 1
 
 
-def finish_attempt(s: Session, step_run_id: str, attempt: int, new: StepStatus, **values: Any) -> bool:
+def finish_attempt(
+    s: Session, step_run_id: str, attempt: int, new: StepStatus, **values: Any
+) -> bool:
     """End attempt ``attempt`` of a running step; False when its lease was lost to another attempt."""
     if new is StepStatus.COMPLETED and set(values) == {"ended_at", "logs", "step_metadata"}:
         return complete_attempt(s, step_run_id, attempt, **values)
     res = s.connection().execute(
         update(STEPS)
-        .where(STEPS.c.id == step_run_id, STEPS.c.status == StepStatus.RUNNING.value, STEPS.c.attempt == attempt)
+        .where(
+            STEPS.c.id == step_run_id,
+            STEPS.c.status == StepStatus.RUNNING.value,
+            STEPS.c.attempt == attempt,
+        )
         .values(status=new.value, lease_expires_at=None, **values)
     )
     return res.rowcount == 1
@@ -369,12 +321,14 @@ def extend_lease(s: Session, step_run_id: str, attempt: int, until: float) -> bo
 def stop_unstarted(s: Session, run_id: str, new: StepStatus, now: float) -> list[Row[Any]]:
     """Mark every not-yet-running step of a run ``new`` (skipped or cancelled); return (id, task_id) of them."""
     unstarted = [u.value for u in UNSTARTED]
-    return list(s.execute(
-        update(STEPS)
-        .where(STEPS.c.run_id == run_id, STEPS.c.status.in_(unstarted))
-        .values(status=new.value, ended_at=now)
-        .returning(STEPS.c.id, STEPS.c.task_id)
-    ).all())
+    return list(
+        s.execute(
+            update(STEPS)
+            .where(STEPS.c.run_id == run_id, STEPS.c.status.in_(unstarted))
+            .values(status=new.value, ended_at=now)
+            .returning(STEPS.c.id, STEPS.c.task_id)
+        ).all()
+    )
 
 
 def expired_leases(s: Session, now: float) -> list[StepRunRow]:
@@ -419,7 +373,7 @@ def cache_hits(s: Session, keys: Iterable[str]) -> dict[str, CacheHit]:
     if not keys:
         return {}
     hits: dict[str, CacheHit] = {}
-    for r in s.connection().execute(_CACHE_HITS, {"keys": keys}):
+    for r in s.connection().execute(sql.CACHE_HITS, {"keys": keys}):
         hit = hits.get(r.cache_key)
         if hit is None or (hit.step_run_id != r.id and (r.ended_at or 0) > hit.ended_at):
             hit = hits[r.cache_key] = CacheHit(r.id, r.run_id, r.ended_at or 0.0, {})
@@ -461,16 +415,20 @@ def add_lineage(s: Session, edges: Sequence[dict[str, Any]]) -> None:
         s.connection().execute(LINEAGE.insert(), list(edges))
 
 
-def output_artifacts(s: Session, run_id: str, invocation_ids: Iterable[str]) -> dict[tuple[str, str], Row[Any]]:
+def output_artifacts(
+    s: Session, run_id: str, invocation_ids: Iterable[str]
+) -> dict[tuple[str, str], Row[Any]]:
     """Outputs of the given invocations of a run: ``{(invocation_id, output_name): artifact row}``."""
     ids = list(invocation_ids)
     if not ids:
         return {}
-    rows = s.connection().execute(_OUTPUTS, {"run_id": run_id, "invs": ids})
+    rows = s.connection().execute(sql.OUTPUTS, {"run_id": run_id, "invs": ids})
     return {(r._inv, r._out): r for r in rows}
 
 
-def step_artifacts(s: Session, step_run_id: str, direction: str) -> list[tuple[str, int, ArtifactRow]]:
+def step_artifacts(
+    s: Session, step_run_id: str, direction: str
+) -> list[tuple[str, int, ArtifactRow]]:
     rows = s.execute(
         select(LineageRow.name, LineageRow.position, ArtifactRow)
         .join(ArtifactRow, ArtifactRow.id == LineageRow.artifact_id)
@@ -500,10 +458,16 @@ def artifact_consumers(s: Session, artifact_id: str) -> list[StepRunRow]:
 # -- workers --------------------------------------------------------------------------------
 
 
-def worker_heartbeat(s: Session, *, name: str, queues: list[str], host: str, pid: int, now: float) -> None:
+def worker_heartbeat(
+    s: Session, *, name: str, queues: list[str], host: str, pid: int, now: float
+) -> None:
     row = s.get(WorkerRow, name)
     if row is None:
-        s.add(WorkerRow(name=name, queues=queues, host=host, pid=pid, started_at=now, heartbeat_at=now))
+        s.add(
+            WorkerRow(
+                name=name, queues=queues, host=host, pid=pid, started_at=now, heartbeat_at=now
+            )
+        )
     else:
         row.queues, row.host, row.pid, row.heartbeat_at, row.stopped = queues, host, pid, now, False
 
@@ -515,7 +479,9 @@ def worker_stopped(s: Session, name: str) -> None:
 def live_queues(s: Session, *, now: float, max_age_s: float) -> set[str]:
     """Queues consumed by a worker whose heartbeat is younger than ``max_age_s``."""
     rows = s.execute(
-        select(WorkerRow.queues).where(WorkerRow.stopped.is_(False), WorkerRow.heartbeat_at >= now - max_age_s)
+        select(WorkerRow.queues).where(
+            WorkerRow.stopped.is_(False), WorkerRow.heartbeat_at >= now - max_age_s
+        )
     ).scalars()
     return {q for queues in rows for q in queues}
 

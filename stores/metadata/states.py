@@ -46,16 +46,30 @@ class StepStatus(StrEnum):
 
 _TERMINAL_RUN = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 _TERMINAL_STEP = frozenset(
-    {StepStatus.COMPLETED, StepStatus.CACHED, StepStatus.FAILED, StepStatus.SKIPPED, StepStatus.CANCELLED}
+    {
+        StepStatus.COMPLETED,
+        StepStatus.CACHED,
+        StepStatus.FAILED,
+        StepStatus.SKIPPED,
+        StepStatus.CANCELLED,
+    }
 )
 
 #: Allowed step transitions. ``running -> queued`` is a retry or a requeue after a lost lease.
 STEP_TRANSITIONS: dict[StepStatus, frozenset[StepStatus]] = {
-    StepStatus.PENDING: frozenset({StepStatus.READY, StepStatus.CACHED, StepStatus.SKIPPED, StepStatus.CANCELLED}),
+    StepStatus.PENDING: frozenset(
+        {StepStatus.READY, StepStatus.CACHED, StepStatus.SKIPPED, StepStatus.CANCELLED}
+    ),
     StepStatus.READY: frozenset({StepStatus.QUEUED, StepStatus.SKIPPED, StepStatus.CANCELLED}),
     StepStatus.QUEUED: frozenset({StepStatus.RUNNING, StepStatus.SKIPPED, StepStatus.CANCELLED}),
     StepStatus.RUNNING: frozenset(
-        {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.QUEUED, StepStatus.CANCELLED, StepStatus.SKIPPED}
+        {
+            StepStatus.COMPLETED,
+            StepStatus.FAILED,
+            StepStatus.QUEUED,
+            StepStatus.CANCELLED,
+            StepStatus.SKIPPED,
+        }
     ),
     StepStatus.COMPLETED: frozenset(),
     StepStatus.CACHED: frozenset(),

@@ -64,7 +64,9 @@ class MetadataStore:
         self._pid = os.getpid()
         self._ready = False
         path = url.split("///", 1)[-1] if url.startswith("sqlite") else ""
-        self._lock_path = f"{path}.lock" if path and path != ":memory:" and os.name == "posix" else None
+        self._lock_path = (
+            f"{path}.lock" if path and path != ":memory:" and os.name == "posix" else None
+        )
         self._lock_fd: int | None = None
         self._lock_pid = 0
         self._thread_lock = threading.RLock()
@@ -84,7 +86,9 @@ class MetadataStore:
                 path = self.url.split("///", 1)[-1]
                 if path and path != ":memory:":
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
-                engine = create_engine(self.url, connect_args={"timeout": 60, "check_same_thread": False})
+                engine = create_engine(
+                    self.url, connect_args={"timeout": 60, "check_same_thread": False}
+                )
 
                 @event.listens_for(engine, "connect")
                 def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -176,7 +180,9 @@ class MetadataStore:
                 conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
-        log.info("migrated metadata store %s in %.3fs", _redact(self.url), time.perf_counter() - started)
+        log.info(
+            "migrated metadata store %s in %.3fs", _redact(self.url), time.perf_counter() - started
+        )
 
     def _unreachable(self, e: Exception) -> MetadataStoreError:
         return MetadataStoreError(
@@ -196,7 +202,10 @@ class MetadataStore:
         assert self._write_engine is not None
         with self._writer_lock():
             try:
-                with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+                with (
+                    Session(self._write_engine, expire_on_commit=False) as session,
+                    session.begin(),
+                ):
                     yield session
             except OperationalError as e:
                 raise self._unreachable(e) from e

@@ -24,7 +24,9 @@ def run() -> None:
         "sqlalchemy.url"
     )
     if not url:
-        raise SystemExit("pass the database URL: alembic -x url=sqlite:///path/metadata.db upgrade head")
+        raise SystemExit(
+            "pass the database URL: alembic -x url=sqlite:///path/metadata.db upgrade head"
+        )
     engine = create_engine(url)
     with engine.begin() as conn:
         context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)

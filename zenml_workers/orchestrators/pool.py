@@ -29,7 +29,9 @@ def _child_main(settings_json: str, tasks: Any, results: Any) -> None:
     """Loop of one worker process: run tasks until the ``None`` sentinel."""
     from zenml_workers.worker.execute import WorkerContext, execute_step
 
-    ctx = WorkerContext.from_settings(Settings.model_validate_json(settings_json), name=f"local-{os.getpid()}")
+    ctx = WorkerContext.from_settings(
+        Settings.model_validate_json(settings_json), name=f"local-{os.getpid()}"
+    )
     while True:
         item = tasks.get()
         if item is None:
@@ -41,7 +43,9 @@ def _child_main(settings_json: str, tasks: Any, results: Any) -> None:
             # so that every process can take one.
             while len(follow) == 1:
                 follow = execute_step(follow[0].task, ctx)
-        except BaseException as e:  # recorded by execute_step where it could be; the run cannot go on
+        except (
+            BaseException
+        ) as e:  # recorded by execute_step where it could be; the run cannot go on
             results.put(("error", run_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
             if not isinstance(e, Exception):
                 raise
@@ -83,15 +87,23 @@ class LocalPool:
         self._tasks, self._results = ctx.SimpleQueue(), ctx.SimpleQueue()
         payload = self.settings.model_dump_json()
         self._procs = [
-            ctx.Process(target=_child_main, args=(payload, self._tasks, self._results), daemon=True,
-                        name=f"zw-local-{i}")
+            ctx.Process(
+                target=_child_main,
+                args=(payload, self._tasks, self._results),
+                daemon=True,
+                name=f"zw-local-{i}",
+            )
             for i in range(self.settings.local_worker_count())
         ]
         for p in self._procs:
             p.start()
         self._pid = os.getpid()
-        self._reader = threading.Thread(target=self._read_results, args=(self._results, list(self._procs)),
-                                        name="zw-local-results", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read_results,
+            args=(self._results, list(self._procs)),
+            name="zw-local-results",
+            daemon=True,
+        )
         self._reader.start()
 
     def send(self, queued: list[QueuedStep], tracker: RunTracker) -> None:
@@ -125,7 +137,9 @@ class LocalPool:
                     self._procs = []
             for tracker in trackers:
                 if tracker.outstanding > 0:
-                    tracker.error = f"local worker process {dead[0].pid} died (exit code {dead[0].exitcode})"
+                    tracker.error = (
+                        f"local worker process {dead[0].pid} died (exit code {dead[0].exitcode})"
+                    )
                     tracker.done.set()
             for p in procs:
                 if p.is_alive():

@@ -185,7 +185,9 @@ class Client:
         with self._stack.metadata.read() as s:
             row = s.get(RunRow, run_id)
             if row is None:
-                matches = list(s.execute(select(RunRow).where(RunRow.id.like(f"{run_id}%")).limit(2)).scalars())
+                matches = list(
+                    s.execute(select(RunRow).where(RunRow.id.like(f"{run_id}%")).limit(2)).scalars()
+                )
                 if len(matches) != 1:
                     raise NotFoundError(f"no run with id {run_id!r}; list runs with `zw runs`")
                 row = matches[0]
@@ -213,22 +215,43 @@ class Client:
                     bucket[edge.name] = view
         step_views = {
             st.invocation_id: StepRunView(
-                id=st.id, run_id=st.run_id, invocation_id=st.invocation_id, name=st.step_name,
-                status=st.status, queue=st.queue, attempt=st.attempt, worker_host=st.worker_host,
-                worker_pid=st.worker_pid, started_at=st.started_at, ended_at=st.ended_at,
-                cache_key=st.cache_key, cached_from_run_id=st.cached_from_run_id, logs=st.logs or "",
-                exception=st.exception or "", traceback=st.traceback or "",
-                outputs=MappingProxyType(_ordered(outputs.get(st.id, {}), order.get(st.invocation_id, ()))),
+                id=st.id,
+                run_id=st.run_id,
+                invocation_id=st.invocation_id,
+                name=st.step_name,
+                status=st.status,
+                queue=st.queue,
+                attempt=st.attempt,
+                worker_host=st.worker_host,
+                worker_pid=st.worker_pid,
+                started_at=st.started_at,
+                ended_at=st.ended_at,
+                cache_key=st.cache_key,
+                cached_from_run_id=st.cached_from_run_id,
+                logs=st.logs or "",
+                exception=st.exception or "",
+                traceback=st.traceback or "",
+                outputs=MappingProxyType(
+                    _ordered(outputs.get(st.id, {}), order.get(st.invocation_id, ()))
+                ),
                 inputs=MappingProxyType(inputs.get(st.id, {})),
                 metadata=MappingProxyType(dict(st.step_metadata or {})),
             )
             for st in steps
         }
         return RunView(
-            id=row.id, name=row.name, pipeline=row.pipeline_name, status=row.status, user=row.user,
-            orchestrator=row.orchestrator, created_at=row.created_at, ended_at=row.ended_at,
-            message=row.message or "", config=MappingProxyType(dict(row.config or {})),
-            environment=MappingProxyType(dict(row.environment or {})), steps=MappingProxyType(step_views),
+            id=row.id,
+            name=row.name,
+            pipeline=row.pipeline_name,
+            status=row.status,
+            user=row.user,
+            orchestrator=row.orchestrator,
+            created_at=row.created_at,
+            ended_at=row.ended_at,
+            message=row.message or "",
+            config=MappingProxyType(dict(row.config or {})),
+            environment=MappingProxyType(dict(row.environment or {})),
+            steps=MappingProxyType(step_views),
         )
 
     def get_artifact(self, artifact_id: str) -> ArtifactView:
@@ -245,7 +268,9 @@ class Client:
         """
         run = self.get_run(run_id)
         if step not in run.steps:
-            raise NotFoundError(f"run {run.id} has no step {step!r}; its steps are {', '.join(run.steps)}")
+            raise NotFoundError(
+                f"run {run.id} has no step {step!r}; its steps are {', '.join(run.steps)}"
+            )
         return run.steps[step].logs
 
     def explain_cache(self, run: str | RunView, step: str) -> list[str]:
@@ -260,7 +285,9 @@ class Client:
 
         run_view = run if isinstance(run, RunView) else self.get_run(run)
         if step not in run_view.steps:
-            raise NotFoundError(f"run {run_view.id} has no step {step!r}; its steps are {', '.join(run_view.steps)}")
+            raise NotFoundError(
+                f"run {run_view.id} has no step {step!r}; its steps are {', '.join(run_view.steps)}"
+            )
         sv = run_view.steps[step]
         with self._stack.metadata.read() as s:
             row = s.get(StepRunRow, sv.id)
@@ -275,7 +302,9 @@ class Client:
         current = row.cache_ingredients
         if previous and not _enabled(run_view, step):
             return ["caching is disabled for this step"]
-        best = min(previous, key=lambda p: len(cache.explain(p.cache_ingredients, current)), default=None)
+        best = min(
+            previous, key=lambda p: len(cache.explain(p.cache_ingredients, current)), default=None
+        )
         reasons = cache.explain(best.cache_ingredients if best else None, current)
         if not reasons:
             return ["same cache key as an earlier run, but caching was disabled for this step"]
@@ -283,10 +312,18 @@ class Client:
 
     def _artifact_view(self, art: Any) -> ArtifactView:
         return ArtifactView(
-            id=art.id, name=art.name, uri=art.uri, data_type=art.data_type, materializer=art.materializer,
-            content_hash=art.content_hash, size_bytes=art.size_bytes,
-            metadata=MappingProxyType(dict(art.artifact_metadata or {})), producer_run_id=art.producer_run_id,
-            producer_step_run_id=art.producer_step_run_id, created_at=art.created_at, _stack=self._stack,
+            id=art.id,
+            name=art.name,
+            uri=art.uri,
+            data_type=art.data_type,
+            materializer=art.materializer,
+            content_hash=art.content_hash,
+            size_bytes=art.size_bytes,
+            metadata=MappingProxyType(dict(art.artifact_metadata or {})),
+            producer_run_id=art.producer_run_id,
+            producer_step_run_id=art.producer_step_run_id,
+            created_at=art.created_at,
+            _stack=self._stack,
         )
 
 
@@ -312,4 +349,3 @@ def _store_for(stack: Stack, uri: str) -> Any:
         return stack.artifacts
     root = uri.rsplit("/", 1)[0]
     return artifact_store_from_uri(root, **stack.settings.s3_options())
-

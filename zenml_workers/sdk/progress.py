@@ -33,8 +33,12 @@ class ProgressReporter:
                 )
 
                 self._bar = Progress(
-                    TextColumn(f"run {self.run_id[:8]}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("steps"), TimeElapsedColumn(), transient=False,
+                    TextColumn(f"run {self.run_id[:8]}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("steps"),
+                    TimeElapsedColumn(),
+                    transient=False,
                 )
                 self._bar.start()
                 self._task = self._bar.add_task("steps", total=total)

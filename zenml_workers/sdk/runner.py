@@ -60,7 +60,11 @@ def submit(
     spec = built.spec
     if not stack.settings.enable_cache:
         # ZW_ENABLE_CACHE=false switches caching off for every step of every pipeline.
-        spec = replace(spec, enable_cache=False, steps=tuple(replace(s, enable_cache=False) for s in spec.steps))
+        spec = replace(
+            spec,
+            enable_cache=False,
+            steps=tuple(replace(s, enable_cache=False) for s in spec.steps),
+        )
     unknown = sorted({s.queue for s in spec.steps} - set(stack.settings.queues))
     if unknown:
         bad = next(s for s in spec.steps if s.queue in unknown)
@@ -74,8 +78,16 @@ def submit(
     config = {
         "parameters": spec.parameters,
         "enable_cache": spec.enable_cache,
-        "steps": {s.invocation_id: {"parameters": s.parameters, "queue": s.queue, "retries": s.retries,
-                                     "enable_cache": s.enable_cache, "settings": s.settings} for s in spec.steps},
+        "steps": {
+            s.invocation_id: {
+                "parameters": s.parameters,
+                "queue": s.queue,
+                "retries": s.retries,
+                "enable_cache": s.enable_cache,
+                "settings": s.settings,
+            }
+            for s in spec.steps
+        },
         "stack": stack.settings.describe(),
     }
     blobs = [
@@ -84,9 +96,17 @@ def submit(
     ]
     with stack.metadata.transaction() as s:
         queued = plan_run(
-            s, spec=spec, code_blobs=blobs, run_id=run_id, run_name=name, config=config,
-            environment=environment.capture(_source_dir(pipeline)), user=stack.settings.user,
-            orchestrator=stack.orchestrator.name, window=stack.settings.max_queued_per_run, now=now,
+            s,
+            spec=spec,
+            code_blobs=blobs,
+            run_id=run_id,
+            run_name=name,
+            config=config,
+            environment=environment.capture(_source_dir(pipeline)),
+            user=stack.settings.user,
+            orchestrator=stack.orchestrator.name,
+            window=stack.settings.max_queued_per_run,
+            now=now,
         )
     stack.orchestrator.send(run_id, queued)
     return RunHandle(run_id, stack)
@@ -146,10 +166,18 @@ class RunHandle:
         with self._stack.metadata.read() as s:
             waiting = q.waiting_queues(s, self.id)
             live = q.live_queues(s, now=time.time(), max_age_s=self._stack.settings.worker_ttl_s)
-        return {queue: [inv for _, inv in steps] for queue, steps in waiting.items() if queue not in live}
+        return {
+            queue: [inv for _, inv in steps]
+            for queue, steps in waiting.items()
+            if queue not in live
+        }
 
     def wait(
-        self, timeout_s: float | None = None, *, progress: bool | None = None, raise_on_failure: bool = True
+        self,
+        timeout_s: float | None = None,
+        *,
+        progress: bool | None = None,
+        raise_on_failure: bool = True,
     ) -> RunView:
         """Block until the run ends and return it.
 
@@ -245,4 +273,6 @@ def _raise_for(run: RunView) -> None:
             step=step.invocation_id,
             remote_traceback=step.traceback,
         )
-    raise RunFailedError(f"run {run.id} of pipeline {run.pipeline!r} failed: {run.message}", run_id=run.id)
+    raise RunFailedError(
+        f"run {run.id} of pipeline {run.pipeline!r} failed: {run.message}", run_id=run.id
+    )

@@ -60,7 +60,9 @@ def get_stack(settings: Settings | None = None) -> Stack:
             stack = Stack(
                 settings=settings,
                 metadata=MetadataStore(settings.resolved_metadata_url()),
-                artifacts=artifact_store_from_uri(settings.resolved_artifact_uri(), **settings.s3_options()),
+                artifacts=artifact_store_from_uri(
+                    settings.resolved_artifact_uri(), **settings.s3_options()
+                ),
             )
             _stacks[key] = stack
         return stack

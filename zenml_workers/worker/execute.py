@@ -47,8 +47,15 @@ class WorkerContext:
     @classmethod
     def from_settings(cls, settings: Settings, *, name: str = "") -> WorkerContext:
         metadata = MetadataStore(settings.resolved_metadata_url())
-        artifacts = artifact_store_from_uri(settings.resolved_artifact_uri(), **settings.s3_options())
-        return cls(settings=settings, metadata=metadata, artifacts=artifacts, name=name or socket.gethostname())
+        artifacts = artifact_store_from_uri(
+            settings.resolved_artifact_uri(), **settings.s3_options()
+        )
+        return cls(
+            settings=settings,
+            metadata=metadata,
+            artifacts=artifacts,
+            name=name or socket.gethostname(),
+        )
 
     def function(self, code_hash: str, pickled: bytes | None) -> Callable[..., Any]:
         """The step function for ``code_hash``, unpickled from ``pickled`` on first use."""
@@ -131,9 +138,15 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
         spec, by_id, _ = dispatch.SPECS.get(s, task.run_id)
         step = by_id[task.invocation_id]
         lease_s = lease_for(step, settings)
-        row = q.claim(s, task.step_run_id, host=ctx.host, pid=os.getpid(), lease_s=lease_s, now=time.time())
+        row = q.claim(
+            s, task.step_run_id, host=ctx.host, pid=os.getpid(), lease_s=lease_s, now=time.time()
+        )
         if row is None:
-            log.info("run %s step %s: already taken or run ended; dropping task", task.run_id, task.invocation_id)
+            log.info(
+                "run %s step %s: already taken or run ended; dropping task",
+                task.run_id,
+                task.invocation_id,
+            )
             return []
         upstream = {ref.step for i in step.inputs for ref in i.refs}
         produced = q.output_artifacts(s, task.run_id, upstream)
@@ -148,34 +161,73 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
                 fn = ctx.function(step.code_hash, blob)
                 kwargs = _load_inputs(step, produced, ctx.artifacts)
                 kwargs.update(step.parameters)
-                log.info("run %s step %s attempt %d started on %s", task.run_id, step.invocation_id, attempt, ctx.host)
+                log.info(
+                    "run %s step %s attempt %d started on %s",
+                    task.run_id,
+                    step.invocation_id,
+                    attempt,
+                    ctx.host,
+                )
                 result = fn(**kwargs)
-                artifacts = _store_outputs(step, result, row, attempt, ctx.artifacts, written, now=time.time())
+                artifacts = _store_outputs(
+                    step, result, row, attempt, ctx.artifacts, written, now=time.time()
+                )
                 error = None
             except Exception as e:
                 error, tb = _describe(e), traceback.format_exc()
-        values = {"logs": logs.text, "step_metadata": {"duration_s": round(time.time() - started, 6)}}
+        values = {
+            "logs": logs.text,
+            "step_metadata": {"duration_s": round(time.time() - started, 6)},
+        }
         if error is not None:
             _discard(ctx.artifacts, written)
-            log.warning("run %s step %s attempt %d failed: %s", task.run_id, step.invocation_id, attempt, error)
+            log.warning(
+                "run %s step %s attempt %d failed: %s",
+                task.run_id,
+                step.invocation_id,
+                attempt,
+                error,
+            )
             with ctx.metadata.transaction() as s:
                 follow = dispatch.step_failed(
-                    s, row, attempt=attempt, error=error, traceback=tb, values=values, now=time.time()
+                    s,
+                    row,
+                    attempt=attempt,
+                    error=error,
+                    traceback=tb,
+                    values=values,
+                    now=time.time(),
                 )
             return follow or []
         edges = [
-            {"step_run_id": row.id, "direction": q.OUTPUT, "name": a["name"], "position": 0,
-             "artifact_id": a["id"], "run_id": row.run_id}
+            {
+                "step_run_id": row.id,
+                "direction": q.OUTPUT,
+                "name": a["name"],
+                "position": 0,
+                "artifact_id": a["id"],
+                "run_id": row.run_id,
+            }
             for a in artifacts
         ] + dispatch.input_edges(step, row.id, row.run_id, produced)
         with ctx.metadata.transaction() as s:
             follow = dispatch.step_succeeded(
-                s, row, attempt=attempt, artifacts=artifacts, edges=edges, values=values,
-                window=settings.max_queued_per_run, now=time.time(),
+                s,
+                row,
+                attempt=attempt,
+                artifacts=artifacts,
+                edges=edges,
+                values=values,
+                window=settings.max_queued_per_run,
+                now=time.time(),
             )
         if follow is None:
-            log.info("run %s step %s attempt %d lost its lease; discarding its outputs",
-                     task.run_id, step.invocation_id, attempt)
+            log.info(
+                "run %s step %s attempt %d lost its lease; discarding its outputs",
+                task.run_id,
+                step.invocation_id,
+                attempt,
+            )
             _discard(ctx.artifacts, written)
             return []
         return follow
@@ -185,8 +237,14 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
         try:
             with ctx.metadata.transaction() as s:
                 dispatch.step_failed(
-                    s, row, attempt=attempt, error=_describe(e), traceback=traceback.format_exc(),
-                    values={}, now=time.time(), retry_allowed=False,
+                    s,
+                    row,
+                    attempt=attempt,
+                    error=_describe(e),
+                    traceback=traceback.format_exc(),
+                    values={},
+                    now=time.time(),
+                    retry_allowed=False,
                 )
         finally:
             raise
@@ -198,7 +256,9 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _load_inputs(step: StepSpec, produced: dict[tuple[str, str], Any], store: ArtifactStore) -> dict[str, Any]:
+def _load_inputs(
+    step: StepSpec, produced: dict[tuple[str, str], Any], store: ArtifactStore
+) -> dict[str, Any]:
     from zenml_workers.sdk.materializers.registry import load_materializer, resolve_type
 
     values: dict[str, Any] = {}
@@ -220,7 +280,11 @@ def _split_outputs(step: StepSpec, result: Any) -> list[Any]:
     if n == 1:
         return [result]
     if not isinstance(result, tuple | list) or len(result) != n:
-        got = f"a {type(result).__name__} of length {len(result)}" if isinstance(result, tuple | list) else type(result).__name__
+        got = (
+            f"a {type(result).__name__} of length {len(result)}"
+            if isinstance(result, tuple | list)
+            else type(result).__name__
+        )
         raise MaterializerError(
             f"step {step.name!r} declares {n} outputs ({', '.join(step.output_names())}) but returned {got}; "
             f"return a tuple of {n} values"
@@ -229,7 +293,14 @@ def _split_outputs(step: StepSpec, result: Any) -> list[Any]:
 
 
 def _store_outputs(
-    step: StepSpec, result: Any, row: Any, attempt: int, store: ArtifactStore, written: list[str], *, now: float
+    step: StepSpec,
+    result: Any,
+    row: Any,
+    attempt: int,
+    store: ArtifactStore,
+    written: list[str],
+    *,
+    now: float,
 ) -> list[dict[str, Any]]:
     from zenml_workers.sdk.materializers.registry import (
         load_materializer,
@@ -259,12 +330,21 @@ def _store_outputs(
         stored = w.result
         assert stored is not None
         written.append(stored.uri)
-        artifacts.append({
-            "id": q.new_id(), "name": spec.name, "uri": stored.uri, "data_type": type_path(type(value)),
-            "materializer": materializer_path(cls), "content_hash": stored.content_hash,
-            "size_bytes": stored.size_bytes, "artifact_metadata": meta or {},
-            "producer_run_id": row.run_id, "producer_step_run_id": row.id, "created_at": now,
-        })
+        artifacts.append(
+            {
+                "id": q.new_id(),
+                "name": spec.name,
+                "uri": stored.uri,
+                "data_type": type_path(type(value)),
+                "materializer": materializer_path(cls),
+                "content_hash": stored.content_hash,
+                "size_bytes": stored.size_bytes,
+                "artifact_metadata": meta or {},
+                "producer_run_id": row.run_id,
+                "producer_step_run_id": row.id,
+                "created_at": now,
+            }
+        )
     return artifacts
 
 

@@ -42,7 +42,9 @@ def register(app: Celery) -> None:
 
     events = RunEvents(app.conf.zw_settings.broker_url or "")
 
-    @app.task(name=STEP_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    @app.task(
+        name=STEP_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+    )
     def run_step(self: Any, task: dict[str, Any]) -> None:
         from zenml_workers.worker.execute import execute_step
 
@@ -92,7 +94,9 @@ def check_gpu() -> None:
         GPUUnavailableError: neither ``nvidia-smi -L`` nor ``torch.cuda`` sees a GPU.
     """
     if os.environ.get("ZW_SKIP_GPU_CHECK", "").lower() in ("1", "true", "yes"):
-        log.warning("GPU check skipped (ZW_SKIP_GPU_CHECK); gpu steps will run on this machine's CPU")
+        log.warning(
+            "GPU check skipped (ZW_SKIP_GPU_CHECK); gpu steps will run on this machine's CPU"
+        )
         return
     if gpu_count() > 0:
         return
@@ -106,7 +110,9 @@ def gpu_count() -> int:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
+            out = subprocess.run(
+                [smi, "-L"], capture_output=True, text=True, timeout=20, check=False
+            ).stdout
             n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
             if n:
                 return n
@@ -152,7 +158,12 @@ class WorkerHeartbeat:
 
         with worker_context(self.app).metadata.transaction() as s:
             q.worker_heartbeat(
-                s, name=self.name, queues=self.queues, host=socket.gethostname(), pid=os.getpid(), now=time.time()
+                s,
+                name=self.name,
+                queues=self.queues,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                now=time.time(),
             )
 
     def _loop(self) -> None:

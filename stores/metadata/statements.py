@@ -1,0 +1,139 @@
+"""Statements on the hot path, built once at import and executed with bound parameters.
+
+Building a SQLAlchemy statement costs about 100 µs in Python; executing a
+prebuilt one costs about 20 µs. A step's claim and commit run about a dozen
+statements, so this is the difference between ~1 ms and ~2.5 ms per step.
+Bind-parameter names must not equal column names in ``UPDATE ... SET``.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from sqlalchemy import Table, and_, bindparam, func, select, update
+
+from stores.metadata.models import ArtifactRow, LineageRow, RunRow, StepRunRow
+from stores.metadata.states import RunStatus, StepStatus
+
+INPUT = "input"
+OUTPUT = "output"
+
+STEPS = cast(Table, StepRunRow.__table__)
+LINEAGE = cast(Table, LineageRow.__table__)
+ARTIFACTS = cast(Table, ArtifactRow.__table__)
+
+RUNS = cast(Table, RunRow.__table__)
+TERMINAL = [st.value for st in StepStatus if st.is_terminal()]
+RUN_ALIVE = (
+    select(RUNS.c.id)
+    .where(RUNS.c.id == STEPS.c.run_id, RUNS.c.status == RunStatus.RUNNING.value)
+    .exists()
+)
+CLAIM = (
+    update(STEPS)
+    .where(STEPS.c.id == bindparam("_id"), STEPS.c.status == StepStatus.QUEUED.value, RUN_ALIVE)
+    .values(
+        status=StepStatus.RUNNING.value,
+        attempt=STEPS.c.attempt + 1,
+        started_at=bindparam("now"),
+        lease_expires_at=bindparam("lease"),
+        worker_host=bindparam("host"),
+        worker_pid=bindparam("pid"),
+    )
+    .returning(*STEPS.c)
+)
+DECREMENT = (
+    update(STEPS)
+    .where(
+        STEPS.c.run_id == bindparam("b_run_id"),
+        STEPS.c.invocation_id.in_(bindparam("b_invs", expanding=True)),
+    )
+    .values(deps_left=STEPS.c.deps_left - 1)
+    .returning(STEPS.c.id, STEPS.c.invocation_id, STEPS.c.deps_left, STEPS.c.status)
+)
+READY = (
+    select(STEPS.c.id, STEPS.c.run_id, STEPS.c.invocation_id, STEPS.c.step_name, STEPS.c.queue)
+    .where(STEPS.c.run_id == bindparam("run_id"), STEPS.c.status == StepStatus.READY.value)
+    .order_by(STEPS.c.position)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+IN_FLIGHT = select(func.count()).where(
+    STEPS.c.run_id == bindparam("run_id"),
+    STEPS.c.status.in_([StepStatus.QUEUED.value, StepStatus.RUNNING.value]),
+)
+UNFINISHED = select(func.count()).where(
+    STEPS.c.run_id == bindparam("run_id"), STEPS.c.status.not_in(TERMINAL)
+)
+RUN_STATUS = select(RUNS.c.status).where(RUNS.c.id == bindparam("run_id"))
+OUTPUTS = (
+    select(STEPS.c.invocation_id.label("_inv"), LINEAGE.c.name.label("_out"), ARTIFACTS)
+    .select_from(
+        STEPS.join(
+            LINEAGE, and_(LINEAGE.c.step_run_id == STEPS.c.id, LINEAGE.c.direction == OUTPUT)
+        ).join(ARTIFACTS, ARTIFACTS.c.id == LINEAGE.c.artifact_id)
+    )
+    .where(
+        STEPS.c.run_id == bindparam("run_id"),
+        STEPS.c.invocation_id.in_(bindparam("invs", expanding=True)),
+    )
+)
+CACHE_HITS = (
+    select(
+        STEPS.c.cache_key,
+        STEPS.c.id,
+        STEPS.c.run_id,
+        STEPS.c.ended_at,
+        LINEAGE.c.name,
+        ARTIFACTS.c.id.label("artifact_id"),
+        ARTIFACTS.c.content_hash,
+    )
+    .select_from(
+        STEPS.outerjoin(
+            LINEAGE, and_(LINEAGE.c.step_run_id == STEPS.c.id, LINEAGE.c.direction == OUTPUT)
+        ).outerjoin(ARTIFACTS, ARTIFACTS.c.id == LINEAGE.c.artifact_id)
+    )
+    .where(
+        STEPS.c.cache_key.in_(bindparam("keys", expanding=True)),
+        STEPS.c.status == StepStatus.COMPLETED.value,
+    )
+)
+SET_STEP = (
+    update(STEPS)
+    .where(STEPS.c.id == bindparam("_id"))
+    .values(
+        status=bindparam("status"),
+        cache_key=bindparam("cache_key"),
+        cache_ingredients=bindparam("cache_ingredients"),
+        cached_from_run_id=bindparam("cached_from_run_id"),
+        cached_from_step_run_id=bindparam("cached_from_step_run_id"),
+        started_at=bindparam("started_at"),
+        ended_at=bindparam("ended_at"),
+    )
+)
+
+COMPLETE = (
+    update(STEPS)
+    .where(
+        STEPS.c.id == bindparam("_id"),
+        STEPS.c.status == StepStatus.RUNNING.value,
+        STEPS.c.attempt == bindparam("_attempt"),
+    )
+    .values(
+        status=StepStatus.COMPLETED.value,
+        lease_expires_at=None,
+        ended_at=bindparam("ended_at"),
+        logs=bindparam("logs"),
+        step_metadata=bindparam("step_metadata"),
+        exception="",
+        traceback="",
+    )
+)
+
+QUEUE_READY = (
+    update(STEPS)
+    .where(STEPS.c.id == bindparam("_id"), STEPS.c.status == StepStatus.READY.value)
+    .values(
+        status=StepStatus.QUEUED.value, task_id=bindparam("_task_id"), queued_at=bindparam("_now")
+    )
+)

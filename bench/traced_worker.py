@@ -82,8 +82,11 @@ def _install() -> Any:
             _emit("execute_end", run=task.run_id, step=task.invocation_id)
 
     execute.execute_step = execute_step
-    q.claim = _traced(q.claim, "claim_start", "claim_end", claim_ids)
-    dispatch.step_succeeded = _traced(dispatch.step_succeeded, "succeeded_start", "succeeded_end", row_ids)
+    # Each wrap is skipped if the project renamed the function; the profile then lacks that phase.
+    if hasattr(q, "claim"):
+        q.claim = _traced(q.claim, "claim_start", "claim_end", claim_ids)
+    if hasattr(dispatch, "step_succeeded"):
+        dispatch.step_succeeded = _traced(dispatch.step_succeeded, "succeeded_start", "succeeded_end", row_ids)
     app_module.send_steps = _traced(app_module.send_steps, "send_start", "send_end", send_ids)
     publish = app_module.RunEvents.publish
 

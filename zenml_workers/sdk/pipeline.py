@@ -17,14 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar, overload
 
 from zenml_workers.errors import PipelineDefinitionError
-from zenml_workers.sdk.graph import (
-    BuildContext,
-    admits_none,
-    build_context,
-    current_build,
-    describe_type,
-    value_matches,
-)
+from zenml_workers.sdk.annotations import admits_none, describe_type, value_matches
+from zenml_workers.sdk.graph import BuildContext, build_context, current_build
 from zenml_workers.sdk.resources import settings_to_json
 from zenml_workers.sdk.source import CodeBlob
 from zenml_workers.sdk.step import type_hints_of

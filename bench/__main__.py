@@ -27,24 +27,52 @@ from bench.report import Result, machine_info, print_table, progress, write_json
 
 BENCH_DIR = Path(__file__).resolve().parent
 #: Benchmark names accepted by ``--only``, and the groups that expand to several of them.
-NAMES = ("chain", "fan", "cached", "import", "s3", "raw", "cluster-chain", "fanout", "planning", "profile")
+NAMES = (
+    "chain",
+    "fan",
+    "cached",
+    "import",
+    "s3",
+    "raw",
+    "cluster-chain",
+    "fanout",
+    "planning",
+    "profile",
+)
 #: What a plain ``python -m bench`` runs: everything but the traced-worker profile.
 DEFAULT = tuple(n for n in NAMES if n != "profile")
-GROUPS = {"embedded": ("chain", "fan", "cached", "import"), "cluster": ("raw", "cluster-chain", "fanout")}
+GROUPS = {
+    "embedded": ("chain", "fan", "cached", "import"),
+    "cluster": ("raw", "cluster-chain", "fanout"),
+}
 #: Cluster ratios need the raw numbers of the same run.
 NEEDS = {"cluster-chain": ("raw",), "fanout": ("raw",), "profile": ("raw",)}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", action="append", metavar="NAME",
-                        help=f"run only these (repeatable): {', '.join(NAMES + tuple(GROUPS))}")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help=f"run only these (repeatable): {', '.join(NAMES + tuple(GROUPS))}",
+    )
     parser.add_argument("--quick", action="store_true", help="256 MiB through S3 and fewer repeats")
-    parser.add_argument("--s3-mib", type=int, default=None, help="array size for the S3 benchmark (MiB)")
-    parser.add_argument("--no-postgres", action="store_true", help="use SQLite for the cluster and planning")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="results file (default bench/results.json; bench/results-partial.json with --only)")  # fmt: skip
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, databases)")
+    parser.add_argument(
+        "--s3-mib", type=int, default=None, help="array size for the S3 benchmark (MiB)"
+    )
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="use SQLite for the cluster and planning"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results file (default bench/results.json; bench/results-partial.json with --only)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary folder (logs, databases)"
+    )
     args = parser.parse_args(argv)
     selected: list[str] = []
     for name in args.only or list(DEFAULT):
@@ -53,7 +81,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         elif name in NAMES:
             selected.append(name)
         else:
-            parser.error(f"unknown benchmark {name!r}; choose from {', '.join(NAMES + tuple(GROUPS))}")
+            parser.error(
+                f"unknown benchmark {name!r}; choose from {', '.join(NAMES + tuple(GROUPS))}"
+            )
     for name in list(selected):
         selected = [*NEEDS.get(name, ()), *selected]
     args.selected = [n for n in NAMES if n in set(selected)]
@@ -129,11 +159,15 @@ def _embedded(lab: Lab, selected: list[str], quick: bool) -> None:
     seeds = embedded.Seeds()
     try:
         if "chain" in selected:
-            lab.run("chain", lambda: embedded.bench_chain(settings, seeds, repeats=5 if quick else 10))
+            lab.run(
+                "chain", lambda: embedded.bench_chain(settings, seeds, repeats=5 if quick else 10)
+            )
         if "fan" in selected:
             lab.run("fan", lambda: embedded.bench_fan(settings, seeds, repeats=3 if quick else 5))
         if "cached" in selected:
-            lab.run("cached", lambda: embedded.bench_cached(settings, seeds, repeats=5 if quick else 10))
+            lab.run(
+                "cached", lambda: embedded.bench_cached(settings, seeds, repeats=5 if quick else 10)
+            )
     finally:
         close_stacks()  # stops the local pool, so it does not compete with what follows
     if "import" in selected:
@@ -144,8 +178,10 @@ def _planning(lab: Lab, quick: bool) -> None:
     from bench.planning import bench_planning
 
     repeats = 2 if quick else 3
-    lab.run("planning.sqlite", lambda: bench_planning(f"sqlite:///{lab.workdir / 'plan.db'}", "sqlite",
-                                                      repeats=repeats))  # fmt: skip
+    lab.run(
+        "planning.sqlite",
+        lambda: bench_planning(f"sqlite:///{lab.workdir / 'plan.db'}", "sqlite", repeats=repeats),
+    )
     if lab.postgres() is not None:
         url, _ = lab.metadata_url("plan")
         lab.run("planning.postgresql", lambda: bench_planning(url, "postgresql", repeats=repeats))
@@ -167,15 +203,26 @@ def _cluster(lab: Lab, selected: list[str], quick: bool) -> None:
         rtt = lab.run("raw.roundtrip", lambda: bench_raw_roundtrip(c, calls=100 if quick else 200))
         raw = lab.run("raw.throughput", lambda: bench_raw_throughput(c, repeats=2 if quick else 3))
         if "cluster-chain" in selected and rtt:
-            lab.run("cluster-chain", lambda: bench_cluster_chain(c, seeds, rtt[0].value, repeats=5 if quick else 10))
+            lab.run(
+                "cluster-chain",
+                lambda: bench_cluster_chain(c, seeds, rtt[0].value, repeats=5 if quick else 10),
+            )
         if "fanout" in selected and raw:
-            lab.run("fanout", lambda: bench_cluster_fanout(c, seeds, raw[0].value, repeats=1 if quick else 2))
+            lab.run(
+                "fanout",
+                lambda: bench_cluster_fanout(c, seeds, raw[0].value, repeats=1 if quick else 2),
+            )
     if "profile" in selected:
         from bench.profile import bench_profile
 
         profile_url, _ = lab.metadata_url("profile")
         rtt_s = rtt[0].value if rtt else None
-        lab.run("profile", lambda: bench_profile(lab.workdir, profile_url, kind, rtt_s, repeats=5 if quick else 10))
+        lab.run(
+            "profile",
+            lambda: bench_profile(
+                lab.workdir, profile_url, kind, rtt_s, repeats=5 if quick else 10
+            ),
+        )
 
 
 @contextlib.contextmanager
@@ -212,8 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             lab.close()
     total = time.perf_counter() - started
-    run_info = {"selected": args.selected, "quick": args.quick, "s3_size_mib": s3_mib, "total_s": total,
-                "notes": lab.notes, "errors": lab.errors}  # fmt: skip
+    run_info = {
+        "selected": args.selected,
+        "quick": args.quick,
+        "s3_size_mib": s3_mib,
+        "total_s": total,
+        "notes": lab.notes,
+        "errors": lab.errors,
+    }
     write_json(args.out, lab.results, info, run_info)
     print()
     print_table(lab.results, info, total)

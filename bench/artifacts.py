@@ -22,14 +22,27 @@ MIB = 1024 * 1024
 
 
 def _child(s3: S3Service, variant: str, key: str, size_bytes: int) -> dict[str, Any]:
-    env = service_env({"BENCH_S3_ENDPOINT": s3.endpoint_url, "BENCH_S3_KEY": s3.access_key_id,
-                       "BENCH_S3_SECRET": s3.secret_access_key, "BENCH_S3_BUCKET": s3.bucket})  # fmt: skip
+    env = service_env(
+        {
+            "BENCH_S3_ENDPOINT": s3.endpoint_url,
+            "BENCH_S3_KEY": s3.access_key_id,
+            "BENCH_S3_SECRET": s3.secret_access_key,
+            "BENCH_S3_BUCKET": s3.bucket,
+        }
+    )
     done = subprocess.run(
         [sys.executable, "-m", "bench.transfer", variant, key, str(size_bytes)],
-        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if done.returncode != 0:
-        raise RuntimeError(f"S3 transfer {variant} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"S3 transfer {variant} failed ({done.returncode}):\n{done.stderr[-3000:]}"
+        )
     out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     progress(
         f"  {variant:10s} {size_bytes / MIB:.0f} MiB in {out['seconds']:.2f} s "
@@ -44,7 +57,9 @@ def bench_s3(workdir: Path, size_bytes: int) -> list[Result]:
     try:
         progress(f"SeaweedFS up at {s3.endpoint_url}; moving {size_bytes / MIB:.0f} MiB each way")
         runs = {
-            variant: _child(s3, variant, "ours" if variant.startswith("ours") else "raw", size_bytes)
+            variant: _child(
+                s3, variant, "ours" if variant.startswith("ours") else "raw", size_bytes
+            )
             for variant in ("ours-write", "raw-write", "ours-read", "raw-read")
         }
     finally:

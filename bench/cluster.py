@@ -71,10 +71,21 @@ def cluster(
         processes.append(redis_proc)
         home, artifacts = workdir / "home", workdir / "artifacts"
         home.mkdir(parents=True, exist_ok=True)
-        env = {"ZW_HOME": str(home), "ZW_BROKER_URL": broker_url, "ZW_METADATA_URL": metadata_url,
-               "ZW_ARTIFACT_URI": str(artifacts), "ZW_QUEUES": "cpu,gpu", **(extra_env or {})}  # fmt: skip
-        settings = load_settings(home=home, broker_url=broker_url, metadata_url=metadata_url,
-                                 artifact_uri=str(artifacts), queues=["cpu", "gpu"])  # fmt: skip
+        env = {
+            "ZW_HOME": str(home),
+            "ZW_BROKER_URL": broker_url,
+            "ZW_METADATA_URL": metadata_url,
+            "ZW_ARTIFACT_URI": str(artifacts),
+            "ZW_QUEUES": "cpu,gpu",
+            **(extra_env or {}),
+        }
+        settings = load_settings(
+            home=home,
+            broker_url=broker_url,
+            metadata_url=metadata_url,
+            artifact_uri=str(artifacts),
+            queues=["cpu", "gpu"],
+        )
         # Migrate once here, so two workers do not both start by creating the schema.
         from stores.metadata.store import MetadataStore
 
@@ -83,15 +94,31 @@ def cluster(
         store.dispose()
         started = time.perf_counter()
         processes.append(
-            start_celery_worker(worker_app, ["cpu"], WORKER_CONCURRENCY, env, "bench-zw@localhost",
-                                broker_url, workdir)  # fmt: skip
+            start_celery_worker(
+                worker_app,
+                ["cpu"],
+                WORKER_CONCURRENCY,
+                env,
+                "bench-zw@localhost",
+                broker_url,
+                workdir,
+            )
         )
         processes.append(
-            start_celery_worker("bench.noop_app", [NOOP_QUEUE], WORKER_CONCURRENCY, {"BENCH_BROKER_URL": broker_url},
-                                "bench-noop@localhost", broker_url, workdir)  # fmt: skip
+            start_celery_worker(
+                "bench.noop_app",
+                [NOOP_QUEUE],
+                WORKER_CONCURRENCY,
+                {"BENCH_BROKER_URL": broker_url},
+                "bench-noop@localhost",
+                broker_url,
+                workdir,
+            )
         )
-        progress(f"cluster up: redis, {metadata_kind}, 2 workers x {WORKER_CONCURRENCY} processes "
-                 f"({time.perf_counter() - started:.1f} s for the workers)")  # fmt: skip
+        progress(
+            f"cluster up: redis, {metadata_kind}, 2 workers x {WORKER_CONCURRENCY} processes "
+            f"({time.perf_counter() - started:.1f} s for the workers)"
+        )
         noop = make_app(broker_url)
         yield Cluster(broker_url, metadata_url, metadata_kind, settings, noop)
     finally:
@@ -128,7 +155,11 @@ def bench_raw_roundtrip(c: Cluster, calls: int = 200) -> Result:
         ),
         unit="s",
         value=rtt,
-        raw={"samples_s": samples, "p10_s": ordered[len(ordered) // 10], "p90_s": ordered[len(ordered) * 9 // 10]},
+        raw={
+            "samples_s": samples,
+            "p10_s": ordered[len(ordered) // 10],
+            "p90_s": ordered[len(ordered) * 9 // 10],
+        },
     )
 
 
@@ -217,12 +248,19 @@ def bench_cluster_chain(c: Cluster, seeds: Seeds, rtt_s: float, repeats: int = 1
         ratio=per_step / rtt_s,
         ratio_meaning="ours / raw",
         target="<= 2x",
-        raw={"chain_wall_samples_s": samples, "chain_wall_median_s": wall, "warmup_s": warmup,
-             "timeline_medians_s": breakdown, "timelines_s": timelines},  # fmt: skip
+        raw={
+            "chain_wall_samples_s": samples,
+            "chain_wall_median_s": wall,
+            "warmup_s": warmup,
+            "timeline_medians_s": breakdown,
+            "timelines_s": timelines,
+        },
     )
 
 
-def bench_cluster_fanout(c: Cluster, seeds: Seeds, raw_wall_s: float, width: int = 1000, repeats: int = 2) -> Result:
+def bench_cluster_fanout(
+    c: Cluster, seeds: Seeds, raw_wall_s: float, width: int = 1000, repeats: int = 2
+) -> Result:
     """Benchmark 8: ``width`` independent steps on the cluster vs ``width`` raw no-op tasks."""
     from bench.pipelines import fan_out
 
@@ -233,7 +271,9 @@ def bench_cluster_fanout(c: Cluster, seeds: Seeds, raw_wall_s: float, width: int
             raise RuntimeError(f"the fan-out run has {len(run.steps)} steps instead of {width}")
         samples.append(wall)
     wall = median(samples)
-    progress(f"cluster {width}-step fan-out: median {wall:.2f} s = {wall / raw_wall_s:.1f}x raw {width} no-op tasks")
+    progress(
+        f"cluster {width}-step fan-out: median {wall:.2f} s = {wall / raw_wall_s:.1f}x raw {width} no-op tasks"
+    )
     return Result(
         name="cluster.fanout_1000",
         description=(

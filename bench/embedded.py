@@ -26,10 +26,14 @@ def embedded_settings(home: Path) -> Any:
     """Settings of the embedded default under ``home`` with 2 local worker processes."""
     from zenml_workers.settings import load_settings
 
-    return load_settings(home=home, local_workers=2, broker_url=None, metadata_url=None, artifact_uri=None)
+    return load_settings(
+        home=home, local_workers=2, broker_url=None, metadata_url=None, artifact_uri=None
+    )
 
 
-def run_timed(pipeline: Any, settings: Any, expect: str = "completed", **params: Any) -> tuple[float, Any]:
+def run_timed(
+    pipeline: Any, settings: Any, expect: str = "completed", **params: Any
+) -> tuple[float, Any]:
     """Submit ``pipeline``, wait for it and check that every step ended ``expect``.
 
     Returns:
@@ -47,7 +51,9 @@ def run_timed(pipeline: Any, settings: Any, expect: str = "completed", **params:
     wall = time.perf_counter() - started
     statuses = sorted({step.status for step in run.steps.values()})
     if statuses != [expect]:
-        raise RuntimeError(f"a run of {pipeline.name} had steps {statuses}, expected only {expect!r}")
+        raise RuntimeError(
+            f"a run of {pipeline.name} had steps {statuses}, expected only {expect!r}"
+        )
     return wall, run
 
 
@@ -94,7 +100,12 @@ def bench_chain(settings: Any, seeds: Seeds, repeats: int = 10) -> Result:
         ratio=ZENML["chain10"] / wall,
         ratio_meaning="ZenML / ours (speed-up)",
         target=">= 20x",
-        raw={"samples_s": samples, "warmup_s": warmup, "per_step_s": wall / CHAIN_LENGTH, "steps": CHAIN_LENGTH},
+        raw={
+            "samples_s": samples,
+            "warmup_s": warmup,
+            "per_step_s": wall / CHAIN_LENGTH,
+            "steps": CHAIN_LENGTH,
+        },
     )
 
 
@@ -105,7 +116,9 @@ def bench_fan(settings: Any, seeds: Seeds, repeats: int = 5, width: int = 50) ->
     warmup = run_once(fan_in, settings, seed=seeds(), width=width)
     samples = [run_once(fan_in, settings, seed=seeds(), width=width) for _ in range(repeats)]
     wall = median(samples)
-    progress(f"embedded 1->{width}->1 fan-out/fan-in: median {wall * 1000:.0f} ms over {repeats} runs")
+    progress(
+        f"embedded 1->{width}->1 fan-out/fan-in: median {wall * 1000:.0f} ms over {repeats} runs"
+    )
     return Result(
         name="embedded.fan_50",
         description=(
@@ -118,7 +131,12 @@ def bench_fan(settings: Any, seeds: Seeds, repeats: int = 5, width: int = 50) ->
         baseline_source="ZenML 0.98 published",
         ratio=ZENML["fan_50"] / wall,
         ratio_meaning="ZenML / ours (speed-up)",
-        raw={"samples_s": samples, "warmup_s": warmup, "steps": width + 2, "per_step_s": wall / (width + 2)},
+        raw={
+            "samples_s": samples,
+            "warmup_s": warmup,
+            "steps": width + 2,
+            "per_step_s": wall / (width + 2),
+        },
     )
 
 
@@ -127,12 +145,19 @@ def bench_cached(settings: Any, seeds: Seeds, repeats: int = 10) -> list[Result]
     from bench.pipelines import chain, long_chain
 
     results = []
-    for pipeline, steps, name in ((chain, 10, "embedded.cached_chain10"), (long_chain, 100, "embedded.cached_chain100")):
+    for pipeline, steps, name in (
+        (chain, 10, "embedded.cached_chain10"),
+        (long_chain, 100, "embedded.cached_chain100"),
+    ):
         seed = seeds()
         first = run_once(pipeline, settings, seed=seed)  # computes and stores every step
-        samples = [run_timed(pipeline, settings, expect="cached", seed=seed)[0] for _ in range(repeats)]
+        samples = [
+            run_timed(pipeline, settings, expect="cached", seed=seed)[0] for _ in range(repeats)
+        ]
         wall = median(samples)
-        progress(f"embedded cached {steps}-step re-run: median {wall * 1000:.1f} ms ({first * 1000:.0f} ms uncached)")
+        progress(
+            f"embedded cached {steps}-step re-run: median {wall * 1000:.1f} ms ({first * 1000:.0f} ms uncached)"
+        )
         zenml = ZENML["cached_chain10"] if steps == 10 else None
         results.append(
             Result(
@@ -147,7 +172,12 @@ def bench_cached(settings: Any, seeds: Seeds, repeats: int = 10) -> list[Result]
                 baseline_source="ZenML 0.98 published" if zenml else "",
                 ratio=zenml / wall if zenml else None,
                 ratio_meaning="ZenML / ours (speed-up)" if zenml else "",
-                raw={"samples_s": samples, "uncached_first_run_s": first, "per_step_s": wall / steps, "steps": steps},
+                raw={
+                    "samples_s": samples,
+                    "uncached_first_run_s": first,
+                    "per_step_s": wall / steps,
+                    "steps": steps,
+                },
             )
         )
     return results
@@ -172,7 +202,9 @@ def bench_import(repeats: int = 5) -> Result:
     cost = max(median(full) - median(empty), 0.0)
     public = _time_python("from zenml_workers import step, pipeline", repeats)
     public_cost = max(median(public) - median(empty), 0.0)
-    progress(f"import zenml_workers: {cost * 1000:.1f} ms; with step+pipeline: {public_cost * 1000:.0f} ms")
+    progress(
+        f"import zenml_workers: {cost * 1000:.1f} ms; with step+pipeline: {public_cost * 1000:.0f} ms"
+    )
     return Result(
         name="embedded.import",
         description=(

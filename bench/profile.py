@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from bench.cluster import cluster
 from bench.embedded import Seeds, run_timed
@@ -57,7 +56,9 @@ _SPANS = {
 }
 
 
-def phases_of_run(events: dict[tuple[str, str], dict[str, float]], run_id: str, steps: list[str]) -> list[dict[str, float]]:
+def phases_of_run(
+    events: dict[tuple[str, str], dict[str, float]], run_id: str, steps: list[str]
+) -> list[dict[str, float]]:
     """Phase durations (seconds) of each hand-off ``steps[k-1] -> steps[k]`` of one chain run.
 
     A phase whose events are missing (a traced function was renamed in the project) is left out.
@@ -73,14 +74,21 @@ def phases_of_run(events: dict[tuple[str, str], dict[str, float]], run_id: str, 
     return out
 
 
-def bench_profile(workdir: Path, metadata_url: str, kind: str, rtt_s: float | None, repeats: int = 10) -> Result:
+def bench_profile(
+    workdir: Path, metadata_url: str, kind: str, rtt_s: float | None, repeats: int = 10
+) -> Result:
     """Run ``repeats`` 10-step chains on the traced worker and report the median of each phase."""
     from bench.pipelines import CHAIN_LENGTH, chain
 
     trace_dir = workdir / "traces"
     seeds = Seeds(start=9_000)
-    with cluster(workdir / "profile", metadata_url, kind, worker_app="bench.traced_worker",
-                 extra_env={"BENCH_TRACE_DIR": str(trace_dir)}) as c:  # fmt: skip
+    with cluster(
+        workdir / "profile",
+        metadata_url,
+        kind,
+        worker_app="bench.traced_worker",
+        extra_env={"BENCH_TRACE_DIR": str(trace_dir)},
+    ) as c:
         run_timed(chain, c.settings, seed=seeds())  # warm-up
         runs = []
         for _ in range(repeats):
@@ -89,8 +97,11 @@ def bench_profile(workdir: Path, metadata_url: str, kind: str, rtt_s: float | No
             runs.append((wall, run.id, [s.invocation_id for s in order]))
     events = _load(trace_dir)
     handoffs = [h for _, run_id, steps in runs for h in phases_of_run(events, run_id, steps)]
-    medians = {name: median([h[name] for h in handoffs if name in h]) for name in PHASES
-               if any(name in h for h in handoffs)}  # fmt: skip
+    medians = {
+        name: median([h[name] for h in handoffs if name in h])
+        for name in PHASES
+        if any(name in h for h in handoffs)
+    }
     total = sum(medians.values())
     wall = median([w for w, _, _ in runs])
     progress(

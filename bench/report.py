@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -66,8 +67,14 @@ class Result:
 
 def _git(*args: str) -> str:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=False,
-                             cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        out = subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+            cwd=Path(__file__).resolve().parents[1],
+        )
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout.strip()
@@ -84,10 +91,8 @@ def machine_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[dist] = None
     mem_total = None
-    try:
+    with contextlib.suppress(ValueError, OSError):
         mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        pass
     return {
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -103,7 +108,9 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, results: Sequence[Result], info: dict[str, Any], extra: dict[str, Any]) -> None:
+def write_json(
+    path: Path, results: Sequence[Result], info: dict[str, Any], extra: dict[str, Any]
+) -> None:
     """Write ``{"machine": ..., "run": ..., "results": {name: result}}`` to ``path``."""
     payload = {
         "machine": info,
@@ -130,7 +137,8 @@ def print_table(results: Sequence[Result], info: dict[str, Any], total_s: float)
             r.name,
             _fmt(r.value, r.unit),
             _fmt(r.baseline, r.unit) + (f" ({r.baseline_source})" if r.baseline_source else ""),
-            (f"{r.ratio:.2f}x" if r.ratio is not None else "-") + (f"  {r.ratio_meaning}" if r.ratio_meaning else ""),
+            (f"{r.ratio:.2f}x" if r.ratio is not None else "-")
+            + (f"  {r.ratio_meaning}" if r.ratio_meaning else ""),
             r.target or "",
         )
         for r in results
@@ -148,8 +156,13 @@ def print_table(results: Sequence[Result], info: dict[str, Any], total_s: float)
             print(" | ".join(row))
         return
     table = Table(title=title, show_lines=False)
-    for header, style in (("benchmark", "bold"), ("ours", "cyan"), ("baseline", ""), ("ratio", "green"),
-                          ("target", "dim")):  # fmt: skip
+    for header, style in (
+        ("benchmark", "bold"),
+        ("ours", "cyan"),
+        ("baseline", ""),
+        ("ratio", "green"),
+        ("target", "dim"),
+    ):
         table.add_column(header, style=style or None, overflow="fold")
     for row in rows:
         table.add_row(*row)

@@ -66,7 +66,9 @@ def service_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, proc: Process | None = None) -> None:
+def wait_until(
+    predicate: Callable[[], object], timeout_s: float, what: str, proc: Process | None = None
+) -> None:
     """Poll ``predicate`` (exceptions count as "not yet") until it is truthy.
 
     Raises:
@@ -162,7 +164,9 @@ class Process:
 def _redis_ping(port: int) -> bool:
     import redis
 
-    with redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=1) as client:
+    with redis.Redis(
+        host="127.0.0.1", port=port, socket_connect_timeout=0.5, socket_timeout=1
+    ) as client:
         return bool(client.ping())
 
 
@@ -174,11 +178,26 @@ def start_redis(workdir: Path) -> tuple[Process, str]:
     """
     binary = shutil.which("redis-server")
     if binary is None:
-        raise BenchServiceError("redis-server was not found; install it with `make setup` (apt redis-server)")
+        raise BenchServiceError(
+            "redis-server was not found; install it with `make setup` (apt redis-server)"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
-            "--save", "", "--appendonly", "no", "--daemonize", "no"]  # fmt: skip
+    argv = [
+        binary,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(workdir),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+    ]
     proc = Process("redis-server", argv, workdir / "redis.log")
     try:
         wait_until(lambda: _redis_ping(port), 15.0, "redis-server to answer PING", proc)
@@ -204,7 +223,9 @@ class Postgres:
         import psycopg
         from psycopg import sql
 
-        conninfo = f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres connect_timeout=2"
+        conninfo = (
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres connect_timeout=2"
+        )
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
@@ -218,14 +239,18 @@ def _pg_bindir() -> Path | None:
     found = shutil.which("initdb")
     if found:
         return Path(found).parent
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3])
+    )
     return Path(candidates[-1]).parent if candidates else None
 
 
 def _pg_select_one(port: int) -> bool:
     import psycopg
 
-    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=1") as conn:
+    with psycopg.connect(
+        f"host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=1"
+    ) as conn:
         return conn.execute("SELECT 1").fetchone() == (1,)
 
 
@@ -251,21 +276,57 @@ def start_postgres(timeout_s: float = 30.0) -> Postgres:
         user = "postgres"
     data = workdir / "data"
     initdb = subprocess.run(
-        [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-         "--locale=C.UTF-8", "--no-sync"],
-        cwd=workdir, user=user, group=user, extra_groups=[] if user else None,
-        capture_output=True, text=True, check=False, timeout=timeout_s,
-    )  # fmt: skip
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ],
+        cwd=workdir,
+        user=user,
+        group=user,
+        extra_groups=[] if user else None,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout_s,
+    )
     if initdb.returncode != 0:
         shutil.rmtree(workdir, ignore_errors=True)
-        raise BenchServiceError(f"initdb failed ({initdb.returncode}): {initdb.stderr.strip()[-500:]}")
+        raise BenchServiceError(
+            f"initdb failed ({initdb.returncode}): {initdb.stderr.strip()[-500:]}"
+        )
     port = free_port()
-    argv = [str(bindir / "postgres"), "-D", str(data), "-p", str(port),
-            "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={workdir}",
-            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-            "-c", "max_connections=200"]  # fmt: skip
+    argv = [
+        str(bindir / "postgres"),
+        "-D",
+        str(data),
+        "-p",
+        str(port),
+        "-c",
+        "listen_addresses=127.0.0.1",
+        "-c",
+        f"unix_socket_directories={workdir}",
+        "-c",
+        "fsync=off",
+        "-c",
+        "synchronous_commit=off",
+        "-c",
+        "full_page_writes=off",
+        "-c",
+        "max_connections=200",
+    ]
     # SIGINT is PostgreSQL's fast shutdown.
-    proc = Process("postgres", argv, workdir / "server.log", cwd=workdir, user=user, stop_signal=signal.SIGINT)
+    proc = Process(
+        "postgres", argv, workdir / "server.log", cwd=workdir, user=user, stop_signal=signal.SIGINT
+    )
     server = Postgres(process=proc, port=port, workdir=workdir)
     try:
         wait_until(lambda: _pg_select_one(port), timeout_s, "PostgreSQL to answer SELECT 1", proc)
@@ -312,8 +373,18 @@ class S3Service:
         self.process.stop(timeout_s=0.1)  # disposable data: no graceful shutdown needed
 
 
-_WEED_PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-                    "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")  # fmt: skip
+_WEED_PORT_FLAGS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
 
 
 def _find_weed() -> str | None:
@@ -348,11 +419,21 @@ def start_seaweedfs(workdir: Path, timeout_s: float = 60.0) -> S3Service:
     workdir.mkdir(parents=True, exist_ok=True)
     key, secret = f"ZWBENCH{uuid.uuid4().hex[:13].upper()}", uuid.uuid4().hex + uuid.uuid4().hex
     ports = dict(zip(_WEED_PORT_FLAGS, _free_ports(len(_WEED_PORT_FLAGS)), strict=True))
-    argv = [weed, "mini", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            *(f"-{flag}={port}" for flag, port in ports.items()),
-            f"-filer.localSocket={workdir}/filer.sock", f"-s3.localSocket={workdir}/s3.sock",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-            "-master.telemetry=false"]  # fmt: skip
+    argv = [
+        weed,
+        "mini",
+        f"-dir={workdir / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        *(f"-{flag}={port}" for flag, port in ports.items()),
+        f"-filer.localSocket={workdir}/filer.sock",
+        f"-s3.localSocket={workdir}/s3.sock",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+    ]
     (workdir / "data").mkdir(exist_ok=True)
     env = dict(os.environ, AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=secret)
     proc = Process("weed", argv, workdir / "weed.log", env=env, cwd=workdir)
@@ -402,14 +483,35 @@ def start_celery_worker(
     """
     from celery import Celery
 
-    argv = [sys.executable, "-m", "celery", "-A", app_module, "worker", "-Q", ",".join(queues),
-            "-n", node, "-c", str(concurrency), "-P", "prefork", "--without-mingle",
-            "--without-gossip", "-E", "--loglevel=WARNING"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app_module,
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "-n",
+        node,
+        "-c",
+        str(concurrency),
+        "-P",
+        "prefork",
+        "--without-mingle",
+        "--without-gossip",
+        "-E",
+        "--loglevel=WARNING",
+    ]
     safe = node.replace("%", "").replace("@", "_")
-    proc = Process(f"celery {node}", argv, log_dir / f"worker-{safe}.log", env=service_env(env), cwd=REPO_ROOT)
+    proc = Process(
+        f"celery {node}", argv, log_dir / f"worker-{safe}.log", env=service_env(env), cwd=REPO_ROOT
+    )
     pinger = Celery("bench-ping", broker=broker_url, set_as_current=False)
     try:
-        wait_until(lambda: _pinged(pinger, node), ready_timeout_s, f"worker {node} to answer a ping", proc)
+        wait_until(
+            lambda: _pinged(pinger, node), ready_timeout_s, f"worker {node} to answer a ping", proc
+        )
     except BaseException:
         proc.stop()
         raise

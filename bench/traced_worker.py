@@ -38,7 +38,9 @@ def _emit(event: str, **fields: Any) -> None:
     out.write(json.dumps({"t": time.time(), "pid": pid, "event": event, **fields}) + "\n")
 
 
-def _traced(fn: Callable[..., Any], start: str, end: str, key: Callable[..., dict[str, Any]]) -> Callable[..., Any]:
+def _traced(
+    fn: Callable[..., Any], start: str, end: str, key: Callable[..., dict[str, Any]]
+) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ids = key(*args, **kwargs)
@@ -86,7 +88,9 @@ def _install() -> Any:
     if hasattr(q, "claim"):
         q.claim = _traced(q.claim, "claim_start", "claim_end", claim_ids)
     if hasattr(dispatch, "step_succeeded"):
-        dispatch.step_succeeded = _traced(dispatch.step_succeeded, "succeeded_start", "succeeded_end", row_ids)
+        dispatch.step_succeeded = _traced(
+            dispatch.step_succeeded, "succeeded_start", "succeeded_end", row_ids
+        )
     app_module.send_steps = _traced(app_module.send_steps, "send_start", "send_end", send_ids)
     publish = app_module.RunEvents.publish
 

@@ -145,9 +145,13 @@ def run(variant: str, key: str, size_bytes: int) -> dict[str, Any]:
             out["stored_bytes"] = writer.result.size_bytes
         else:
             client.upload_fileobj(
-                io.BufferedReader(_ArrayReader(memoryview(arr).cast("B")), buffer_size=PART_SIZE_BYTES),
-                bucket, object_key, Config=_transfer_config(size_bytes),
-            )  # fmt: skip
+                io.BufferedReader(
+                    _ArrayReader(memoryview(arr).cast("B")), buffer_size=PART_SIZE_BYTES
+                ),
+                bucket,
+                object_key,
+                Config=_transfer_config(size_bytes),
+            )
         out["seconds"] = time.perf_counter() - started
         out["result_bytes"] = 0
         out["crc32"] = zlib.crc32(arr)
@@ -177,7 +181,10 @@ def run(variant: str, key: str, size_bytes: int) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] not in VARIANTS:
-        print(f"usage: python -m bench.transfer {{{','.join(VARIANTS)}}} KEY SIZE_BYTES", file=sys.stderr)
+        print(
+            f"usage: python -m bench.transfer {{{','.join(VARIANTS)}}} KEY SIZE_BYTES",
+            file=sys.stderr,
+        )
         return 2
     print(json.dumps(run(argv[0], argv[1], int(argv[2]))), flush=True)
     return 0

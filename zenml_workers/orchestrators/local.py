@@ -6,6 +6,8 @@ import time
 from collections.abc import Sequence
 
 from scheduler.dispatch import QueuedStep, fail_run, finish_run_if_done
+from stores.metadata import queries as q
+from stores.metadata.states import StepStatus
 from stores.metadata.store import MetadataStore
 from zenml_workers.orchestrators.base import Orchestrator
 from zenml_workers.orchestrators.pool import LocalPool, RunTracker
@@ -39,8 +41,20 @@ class LocalOrchestrator(Orchestrator):
             return False
         if tracker.error is not None:
             # A worker process died or could not record the step: nothing else will finish the run.
+            now = time.time()
             with self.metadata.transaction() as s:
-                fail_run(s, run_id, f"the run stopped: {tracker.error}", now=time.time())
+                fail_run(s, run_id, f"the run stopped: {tracker.error}", now=now)
+                # Steps that were running in the dead process will never report back.
+                for row in q.step_runs(s, run_id):
+                    if row.status == StepStatus.RUNNING.value:
+                        q.finish_attempt(
+                            s,
+                            row.id,
+                            row.attempt,
+                            StepStatus.FAILED,
+                            ended_at=now,
+                            exception=f"WorkerLostError: {tracker.error}",
+                        )
         return True
 
     def settle_idle(self, run_id: str) -> None:

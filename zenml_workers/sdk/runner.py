@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from zenml_workers.errors import (
     ConfigurationError,
+    ExecutionError,
     NoWorkerForQueueError,
     RunCancelledError,
     RunFailedError,
@@ -57,6 +58,7 @@ def submit(
 
     stack = get_stack(settings)
     built = pipeline.build(**params)
+    stack.check()
     spec = built.spec
     if not stack.settings.enable_cache:
         # ZW_ENABLE_CACHE=false switches caching off for every step of every pipeline.
@@ -108,7 +110,14 @@ def submit(
             window=stack.settings.max_queued_per_run,
             now=now,
         )
-    stack.orchestrator.send(run_id, queued)
+    try:
+        stack.orchestrator.send(run_id, queued)
+    except Exception as e:
+        raise ExecutionError(
+            f"run {run_id} is recorded but its first steps could not be sent ({type(e).__name__}: {e}); "
+            "check ZW_BROKER_URL and that the broker is up: the scheduler resends them once it is, "
+            f"or cancel the run with `zw cancel {run_id}`"
+        ) from e
     return RunHandle(run_id, stack)
 
 

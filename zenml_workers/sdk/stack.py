@@ -22,6 +22,7 @@ class Stack:
     metadata: MetadataStore
     artifacts: ArtifactStore
     _orchestrator: Orchestrator | None = None
+    _checked: bool = False
 
     @property
     def orchestrator(self) -> Orchestrator:
@@ -35,6 +36,16 @@ class Stack:
 
                 self._orchestrator = CeleryOrchestrator(self.settings, self.metadata)
         return self._orchestrator
+
+    def check(self) -> None:
+        """Probe the artifact store once per process, so bad credentials fail at submit time.
+
+        Raises:
+            ArtifactStoreError: the store is unreachable or rejects the credentials.
+        """
+        if not self._checked:
+            self.artifacts.check()
+            self._checked = True
 
     def close(self) -> None:
         if self._orchestrator is not None:

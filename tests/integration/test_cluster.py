@@ -240,13 +240,15 @@ def test_cluster_flower_lists_step_tasks_by_step_name(cluster: Cluster, start_fl
 def test_cluster_worker_refuses_gpu_queue_without_a_gpu(cluster: Cluster, tmp_path: Path) -> None:
     env = {k: v for k, v in service_env(cluster.env).items() if k != "ZW_SKIP_GPU_CHECK"}
     env["PATH"] = "/usr/bin:/bin"  # no nvidia-smi here
-    out = subprocess.run(
+    for argv in (
         [sys.executable, "-m", "zenml_workers.cli", "worker", "--queues", "gpu"],
-        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-    )
-    assert out.returncode != 0
-    assert "sees no GPU" in out.stderr + out.stdout
-    assert "--skip-gpu-check" in out.stderr + out.stdout
+        [sys.executable, "-m", "celery", "-A", "zenml_workers.worker", "worker", "-Q", "gpu", "-P", "solo",
+         "--without-mingle", "--without-gossip"],
+    ):
+        out = subprocess.run(argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0, argv
+        assert "sees no GPU" in out.stderr + out.stdout, argv
+        assert "--skip-gpu-check" in out.stderr + out.stdout, argv
 
 
 def test_cluster_small_run_is_not_starved_by_a_big_fan_out(cluster: Cluster) -> None:

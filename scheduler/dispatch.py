@@ -299,8 +299,7 @@ def fill_window(
     s: Session, run_id: str, pipeline: str, *, window: int, now: float
 ) -> list[QueuedStep]:
     """Queue ready steps of a run until ``window`` of them are on the broker or running."""
-    free = window - q.count_in_flight(s, run_id)
-    return [_queued_step(row, pipeline) for row in q.queue_ready(s, run_id, free, now)]
+    return [_queued_step(row, pipeline) for row in q.queue_ready(s, run_id, window, now)]
 
 
 def _queued_step(row: Any, pipeline: str) -> QueuedStep:
@@ -329,11 +328,12 @@ def step_succeeded(
     now: float,
 ) -> list[QueuedStep] | None:
     """Commit a successful attempt and move the run on; None when the attempt had lost its lease."""
-    if not q.finish_attempt(s, row.id, attempt, StepStatus.COMPLETED, ended_at=now, **values):
+    run_status = q.complete_attempt(s, row.id, attempt, ended_at=now, **values)
+    if run_status is None:
         return None
     q.add_artifacts(s, artifacts)
     q.add_lineage(s, edges)
-    if q.run_status(s, row.run_id) != RunStatus.RUNNING.value:
+    if run_status != RunStatus.RUNNING.value:
         return []
     _, _, downstream = SPECS.get(s, row.run_id)
     unblocked = q.decrement_deps(s, row.run_id, downstream[row.invocation_id])

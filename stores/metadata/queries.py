@@ -229,21 +229,21 @@ def transition(
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
-def queue_ready(s: Session, run_id: str, limit: int, now: float) -> list[QueuedRow]:
-    """Move up to ``limit`` ready steps of a run onto the broker window, lowest position first."""
-    if limit <= 0:
+def queue_ready(s: Session, run_id: str, window: int, now: float) -> list[QueuedRow]:
+    """Queue ready steps of a run, lowest position first, until ``window`` of its steps are on the
+    broker or running. One query finds both the candidates and the current count."""
+    if window <= 0:
         return []
     c = s.connection()
-    rows = c.execute(sql.READY, {"run_id": run_id, "limit": limit}).all()
+    rows = c.execute(sql.READY_WITH_IN_FLIGHT, {"run_id": run_id, "limit": window}).all()
+    if not rows:
+        return []
+    rows = rows[: max(0, window - rows[0].in_flight)]
     if not rows:
         return []
     params = [{"_id": r.id, "_task_id": new_id(), "_now": now} for r in rows]
     c.execute(sql.QUEUE_READY, params)
     return [_with_task(r, p["_task_id"]) for r, p in zip(rows, params, strict=True)]
-
-
-def count_in_flight(s: Session, run_id: str) -> int:
-    return s.connection().execute(sql.IN_FLIGHT, {"run_id": run_id}).scalar_one()
 
 
 def count_unfinished(s: Session, run_id: str) -> int:
@@ -270,29 +270,30 @@ def complete_attempt(
     attempt: int,
     *,
     ended_at: float,
-    logs: str,
-    step_metadata: dict[str, Any],
-) -> bool:
-    """Mark attempt ``attempt`` completed (the hot path of :func:`finish_attempt`)."""
-    res = s.connection().execute(
-        sql.COMPLETE,
-        {
-            "_id": step_run_id,
-            "_attempt": attempt,
-            "ended_at": ended_at,
-            "logs": logs,
-            "step_metadata": step_metadata,
-        },
+    logs: str = "",
+    step_metadata: dict[str, Any] | None = None,
+) -> str | None:
+    """Mark attempt ``attempt`` completed; returns the run's status, or None when the lease was lost."""
+    return (
+        s.connection()
+        .execute(
+            sql.COMPLETE,
+            {
+                "_id": step_run_id,
+                "_attempt": attempt,
+                "ended_at": ended_at,
+                "logs": logs,
+                "step_metadata": step_metadata,
+            },
+        )
+        .scalar()
     )
-    return res.rowcount == 1
 
 
 def finish_attempt(
     s: Session, step_run_id: str, attempt: int, new: StepStatus, **values: Any
 ) -> bool:
     """End attempt ``attempt`` of a running step; False when its lease was lost to another attempt."""
-    if new is StepStatus.COMPLETED and set(values) == {"ended_at", "logs", "step_metadata"}:
-        return complete_attempt(s, step_run_id, attempt, **values)
     res = s.connection().execute(
         update(STEPS)
         .where(

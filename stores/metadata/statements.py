@@ -51,16 +51,27 @@ DECREMENT = (
     .values(deps_left=STEPS.c.deps_left - 1)
     .returning(STEPS.c.id, STEPS.c.invocation_id, STEPS.c.deps_left, STEPS.c.status)
 )
-READY = (
-    select(STEPS.c.id, STEPS.c.run_id, STEPS.c.invocation_id, STEPS.c.step_name, STEPS.c.queue)
+_IN_FLIGHT_INNER = STEPS.alias("inflight")
+#: Ready steps of a run with, on each row, how many of its steps are on the broker or running.
+READY_WITH_IN_FLIGHT = (
+    select(
+        STEPS.c.id,
+        STEPS.c.run_id,
+        STEPS.c.invocation_id,
+        STEPS.c.step_name,
+        STEPS.c.queue,
+        select(func.count())
+        .where(
+            _IN_FLIGHT_INNER.c.run_id == bindparam("run_id"),
+            _IN_FLIGHT_INNER.c.status.in_([StepStatus.QUEUED.value, StepStatus.RUNNING.value]),
+        )
+        .scalar_subquery()
+        .label("in_flight"),
+    )
     .where(STEPS.c.run_id == bindparam("run_id"), STEPS.c.status == StepStatus.READY.value)
     .order_by(STEPS.c.position)
     .limit(bindparam("limit"))
-    .with_for_update(skip_locked=True)
-)
-IN_FLIGHT = select(func.count()).where(
-    STEPS.c.run_id == bindparam("run_id"),
-    STEPS.c.status.in_([StepStatus.QUEUED.value, StepStatus.RUNNING.value]),
+    .with_for_update(of=STEPS, skip_locked=True)
 )
 UNFINISHED = select(func.count()).where(
     STEPS.c.run_id == bindparam("run_id"), STEPS.c.status.not_in(TERMINAL)
@@ -127,6 +138,13 @@ COMPLETE = (
         step_metadata=bindparam("step_metadata"),
         exception="",
         traceback="",
+    )
+    # The run's status comes back with the row, saving a query on every step commit.
+    .returning(
+        select(RUNS.c.status)
+        .where(RUNS.c.id == STEPS.c.run_id)
+        .scalar_subquery()
+        .label("run_status")
     )
 )
 

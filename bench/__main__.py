@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -237,8 +238,14 @@ def _workdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    # SystemExit unwinds through the finally blocks, which stop every service started.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     started = time.perf_counter()
     s3_mib = args.s3_mib or (256 if args.quick else 1024)
     progress(f"benchmarks: {', '.join(args.selected)}{' (quick)' if args.quick else ''}")

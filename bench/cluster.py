@@ -220,10 +220,10 @@ def bench_cluster_chain(c: Cluster, seeds: Seeds, rtt_s: float, repeats: int = 1
     """Benchmark 7: per-step overhead of a 10-step chain on the cluster, in raw round trips."""
     from bench.pipelines import CHAIN_LENGTH, chain
 
-    warmup, _ = run_timed(chain, c.settings, seed=seeds())
+    warmup, _ = run_timed(chain, c.settings, seed=seeds(), timeout_s=60.0)
     samples, timelines = [], []
     for _ in range(repeats):
-        wall, run = run_timed(chain, c.settings, seed=seeds())
+        wall, run = run_timed(chain, c.settings, seed=seeds(), timeout_s=60.0)
         samples.append(wall)
         timelines.append(_timeline(c.settings, run.id))
     wall = median(samples)
@@ -266,7 +266,7 @@ def bench_cluster_fanout(
 
     samples = []
     for _ in range(repeats):
-        wall, run = run_timed(fan_out, c.settings, seed=seeds(), width=width)
+        wall, run = run_timed(fan_out, c.settings, seed=seeds(), width=width, timeout_s=60.0)
         if len(run.steps) != width:
             raise RuntimeError(f"the fan-out run has {len(run.steps)} steps instead of {width}")
         samples.append(wall)

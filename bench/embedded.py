@@ -32,7 +32,11 @@ def embedded_settings(home: Path) -> Any:
 
 
 def run_timed(
-    pipeline: Any, settings: Any, expect: str = "completed", **params: Any
+    pipeline: Any,
+    settings: Any,
+    expect: str = "completed",
+    timeout_s: float = 300.0,
+    **params: Any,
 ) -> tuple[float, Any]:
     """Submit ``pipeline``, wait for it and check that every step ended ``expect``.
 
@@ -41,13 +45,20 @@ def run_timed(
         run's view (as a user sees it), and that view.
 
     Raises:
+        RunTimeoutError: the run did not end within ``timeout_s`` seconds.
         RuntimeError: a step ended otherwise (e.g. a cache hit in an uncached benchmark),
             which would make the number meaningless.
     """
     from zenml_workers.sdk.runner import submit
 
     started = time.perf_counter()
-    run = submit(pipeline, settings=settings, **params).wait(progress=False)
+    from zenml_workers.errors import RunTimeoutError
+
+    handle = submit(pipeline, settings=settings, **params)
+    try:
+        run = handle.wait(timeout_s, progress=False)
+    except RunTimeoutError as e:
+        raise RuntimeError(_stuck_reason(handle, settings, timeout_s)) from e
     wall = time.perf_counter() - started
     statuses = sorted({step.status for step in run.steps.values()})
     if statuses != [expect]:
@@ -55,6 +66,21 @@ def run_timed(
             f"a run of {pipeline.name} had steps {statuses}, expected only {expect!r}"
         )
     return wall, run
+
+
+def _stuck_reason(handle: Any, settings: Any, timeout_s: float) -> str:
+    """Say why a run did not end: unfinished steps, or every step done but the run still open."""
+    from zenml_workers.sdk.client import Client
+
+    run = Client(settings=settings).get_run(handle.id)
+    statuses = sorted(step.status for step in run.steps.values())
+    counts = {status: statuses.count(status) for status in set(statuses)}
+    if set(counts) <= {"completed", "cached"}:
+        return (
+            f"run {run.id} is still {run.status!r} after {timeout_s:g} s although all its steps ended "
+            f"({counts}): the final step commits raced and none marked the run completed"
+        )
+    return f"run {run.id} did not end within {timeout_s:g} s; its steps: {counts}"
 
 
 def run_once(pipeline: Any, settings: Any, **params: Any) -> float:

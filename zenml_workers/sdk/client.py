@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zenml_workers.errors import NotFoundError
 from zenml_workers.sdk.stack import Stack, get_stack
-from zenml_workers.settings import Settings
 from zenml_workers.specs import PipelineSpec
+
+if TYPE_CHECKING:
+    from zenml_workers.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ from zenml_workers.errors import (
     StepFailedError,
 )
 from zenml_workers.sdk.stack import Stack, get_stack
-from zenml_workers.settings import Settings
 
 if TYPE_CHECKING:
     from zenml_workers.sdk.client import RunView
     from zenml_workers.sdk.pipeline import Pipeline
+    from zenml_workers.settings import Settings
 
 
 def submit(

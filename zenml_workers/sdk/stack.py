@@ -6,12 +6,11 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from zenml_workers.settings import Settings, load_settings
-
 if TYPE_CHECKING:
     from stores.artifacts import ArtifactStore
     from stores.metadata.store import MetadataStore
     from zenml_workers.orchestrators.base import Orchestrator
+    from zenml_workers.settings import Settings
 
 
 @dataclass
@@ -60,7 +59,10 @@ _lock = threading.Lock()
 
 def get_stack(settings: Settings | None = None) -> Stack:
     """The stack for ``settings`` (default: from the environment), reused within the process."""
-    settings = settings or load_settings()
+    if settings is None:
+        from zenml_workers.settings import load_settings  # pydantic: only once a run needs it
+
+        settings = load_settings()
     key = settings.model_dump_json()
     with _lock:
         stack = _stacks.get(key)

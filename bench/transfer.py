@@ -175,7 +175,8 @@ def run(variant: str, key: str, size_bytes: int) -> dict[str, Any]:
     out["baseline_rss_bytes"] = baseline
     out["peak_rss_bytes"] = peak
     # What the transfer needed beyond its input (writes) or its result (reads).
-    out["extra_peak_bytes"] = max(0, peak - baseline - out["result_bytes"])
+    # Can come out a few MiB below zero when the transfer reuses memory freed after the imports.
+    out["extra_peak_bytes"] = peak - baseline - out["result_bytes"]
     return out
 
 

@@ -63,7 +63,7 @@ def _install() -> Any:
 
     # Not `from zenml_workers.worker import app`: the package's lazy `app` attribute would
     # build a second Celery app whose (shared) zw.step task would shadow the traced one.
-    app_module = importlib.import_module("zenml_workers.worker.app")
+    app_module = importlib.import_module("zenml_workers.worker.celery_app")
 
     def claim_ids(_s: Any, step_run_id: str, **__: Any) -> dict[str, Any]:
         return {"step_run_id": step_run_id}

@@ -153,7 +153,9 @@ def plan_run(
     queued: list[QueuedStep] = []
     for row in rows.values():
         if row["status"] == StepStatus.READY.value and len(queued) < window:
-            row.update(status=StepStatus.QUEUED.value, task_id=q.new_id(), queued_at=now)
+            row.update(
+                status=StepStatus.QUEUED.value, task_id=q.task_id(row["id"], 1), queued_at=now
+            )
             queued.append(
                 _queued_step(
                     q.QueuedRow(
@@ -310,7 +312,12 @@ def _queued_step(row: Any, pipeline: str) -> QueuedStep:
 
 
 def finish_run_if_done(s: Session, run_id: str, *, now: float) -> bool:
-    """Mark a running run completed when none of its steps is left unfinished."""
+    """Mark a running run completed when none of its steps is left unfinished.
+
+    The run row is locked first: two steps committing at once under READ COMMITTED
+    would each still see the other as running, and neither would close the run.
+    """
+    q.lock_run(s, run_id)
     if q.count_unfinished(s, run_id) == 0:
         return q.set_run_status(s, run_id, RunStatus.COMPLETED, now=now)
     return False
@@ -360,7 +367,7 @@ def step_failed(
     attempt had lost its lease.
     """
     if retry_allowed and attempt < row.max_attempts:
-        task_id = q.new_id()
+        task_id = q.task_id(row.id, attempt + 1)
         if not q.finish_attempt(
             s,
             row.id,

@@ -45,7 +45,7 @@ def recover(s: Session, *, now: float, policy: RecoveryPolicy) -> list[QueuedSte
     for row in q.expired_leases(s, now):
         # A lost worker costs an attempt, but a step always gets one redelivery.
         if row.attempt < max(row.max_attempts, 2):
-            task_id = q.new_id()
+            task_id = q.task_id(row.id, row.attempt + 1)
             if q.transition(
                 s,
                 row.id,

@@ -77,7 +77,7 @@ def worker(
         from zenml_workers.worker.tasks import check_gpu
 
         check_gpu()
-    from zenml_workers.worker.app import create_app
+    from zenml_workers.worker.celery_app import create_app
 
     app = create_app(settings)
     # CUDA breaks in a child forked after it was initialised: one solo process per GPU.
@@ -122,7 +122,7 @@ def scheduler(ctx: click.Context, interval: float, once: bool) -> None:
     from scheduler.recovery import RecoveryPolicy
     from scheduler.service import SchedulerService
     from stores.metadata.store import MetadataStore
-    from zenml_workers.worker.app import create_app, send_steps
+    from zenml_workers.worker.celery_app import create_app, send_steps
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

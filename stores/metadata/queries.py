@@ -60,12 +60,13 @@ class QueuedRow:
     task_id: str
 
 
-def _with_task(r: Any, task_id: str) -> QueuedRow:
-    return QueuedRow(r.id, r.run_id, r.invocation_id, r.step_name, r.queue, task_id)
-
-
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+def task_id(step_run_id: str, attempt: int) -> str:
+    """Broker task id of an attempt: a resend of the same attempt reuses it, a retry does not."""
+    return f"{step_run_id}.{attempt}"
 
 
 # -- pipelines, code, runs ------------------------------------------------------------------
@@ -157,6 +158,11 @@ def set_run_status(
     return res.rowcount == 1
 
 
+def lock_run(s: Session, run_id: str) -> None:
+    """Hold the run's row until the transaction ends (PostgreSQL; SQLite writers are serialised)."""
+    s.connection().execute(sql.LOCK_RUN, {"run_id": run_id})
+
+
 def run_status(s: Session, run_id: str) -> str:
     return s.connection().execute(sql.RUN_STATUS, {"run_id": run_id}).scalar_one()
 
@@ -229,21 +235,14 @@ def transition(
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
-def queue_ready(s: Session, run_id: str, window: int, now: float) -> list[QueuedRow]:
+def queue_ready(s: Session, run_id: str, window: int, now: float) -> list[Row[Any]]:
     """Queue ready steps of a run, lowest position first, until ``window`` of its steps are on the
-    broker or running. One query finds both the candidates and the current count."""
-    if window <= 0:
-        return []
+    broker or running; returns them with their task ids."""
     c = s.connection()
-    rows = c.execute(sql.READY_WITH_IN_FLIGHT, {"run_id": run_id, "limit": window}).all()
-    if not rows:
+    free = window - c.execute(sql.IN_FLIGHT, {"run_id": run_id}).scalar_one()
+    if free <= 0:
         return []
-    rows = rows[: max(0, window - rows[0].in_flight)]
-    if not rows:
-        return []
-    params = [{"_id": r.id, "_task_id": new_id(), "_now": now} for r in rows]
-    c.execute(sql.QUEUE_READY, params)
-    return [_with_task(r, p["_task_id"]) for r, p in zip(rows, params, strict=True)]
+    return list(c.execute(sql.QUEUE_READY, {"q_run_id": run_id, "q_limit": free, "q_now": now}))
 
 
 def count_unfinished(s: Session, run_id: str) -> int:

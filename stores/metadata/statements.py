@@ -8,9 +8,9 @@ Bind-parameter names must not equal column names in ``UPDATE ... SET``.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import cast as type_cast
 
-from sqlalchemy import Table, and_, bindparam, func, select, update
+from sqlalchemy import Integer, String, Table, and_, bindparam, cast, func, select, update
 
 from stores.metadata.models import ArtifactRow, LineageRow, RunRow, StepRunRow
 from stores.metadata.states import RunStatus, StepStatus
@@ -18,11 +18,11 @@ from stores.metadata.states import RunStatus, StepStatus
 INPUT = "input"
 OUTPUT = "output"
 
-STEPS = cast(Table, StepRunRow.__table__)
-LINEAGE = cast(Table, LineageRow.__table__)
-ARTIFACTS = cast(Table, ArtifactRow.__table__)
+STEPS = type_cast(Table, StepRunRow.__table__)
+LINEAGE = type_cast(Table, LineageRow.__table__)
+ARTIFACTS = type_cast(Table, ArtifactRow.__table__)
 
-RUNS = cast(Table, RunRow.__table__)
+RUNS = type_cast(Table, RunRow.__table__)
 TERMINAL = [st.value for st in StepStatus if st.is_terminal()]
 RUN_ALIVE = (
     select(RUNS.c.id)
@@ -51,32 +51,45 @@ DECREMENT = (
     .values(deps_left=STEPS.c.deps_left - 1)
     .returning(STEPS.c.id, STEPS.c.invocation_id, STEPS.c.deps_left, STEPS.c.status)
 )
-_IN_FLIGHT_INNER = STEPS.alias("inflight")
-#: Ready steps of a run with, on each row, how many of its steps are on the broker or running.
-READY_WITH_IN_FLIGHT = (
-    select(
+IN_FLIGHT = select(func.count()).where(
+    STEPS.c.run_id == bindparam("run_id"),
+    STEPS.c.status.in_([StepStatus.QUEUED.value, StepStatus.RUNNING.value]),
+)
+#: Queue up to ``q_limit`` ready steps of a run, lowest position first, in one statement. The
+#: task id is ``<step run id>.<next attempt>``: a resend of the same attempt reuses it, a retry
+#: gets a new one.
+_NEXT_READY = (
+    select(STEPS.c.id)
+    .where(STEPS.c.run_id == bindparam("q_run_id"), STEPS.c.status == StepStatus.READY.value)
+    .order_by(STEPS.c.position)
+    .limit(bindparam("q_limit", type_=Integer))
+    .with_for_update(skip_locked=True)
+    # A CTE, not "IN (subquery)": PostgreSQL may re-run such a subquery per row and so
+    # ignore its LIMIT; a locking CTE is evaluated exactly once.
+    .cte("next_ready")
+)
+QUEUE_READY = (
+    update(STEPS)
+    .where(STEPS.c.id.in_(select(_NEXT_READY.c.id)), STEPS.c.status == StepStatus.READY.value)
+    .values(
+        status=StepStatus.QUEUED.value,
+        queued_at=bindparam("q_now"),
+        task_id=STEPS.c.id + "." + cast(STEPS.c.attempt + 1, String),
+    )
+    .returning(
         STEPS.c.id,
         STEPS.c.run_id,
         STEPS.c.invocation_id,
         STEPS.c.step_name,
         STEPS.c.queue,
-        select(func.count())
-        .where(
-            _IN_FLIGHT_INNER.c.run_id == bindparam("run_id"),
-            _IN_FLIGHT_INNER.c.status.in_([StepStatus.QUEUED.value, StepStatus.RUNNING.value]),
-        )
-        .scalar_subquery()
-        .label("in_flight"),
+        STEPS.c.task_id,
     )
-    .where(STEPS.c.run_id == bindparam("run_id"), STEPS.c.status == StepStatus.READY.value)
-    .order_by(STEPS.c.position)
-    .limit(bindparam("limit"))
-    .with_for_update(of=STEPS, skip_locked=True)
 )
 UNFINISHED = select(func.count()).where(
     STEPS.c.run_id == bindparam("run_id"), STEPS.c.status.not_in(TERMINAL)
 )
 RUN_STATUS = select(RUNS.c.status).where(RUNS.c.id == bindparam("run_id"))
+LOCK_RUN = select(RUNS.c.id).where(RUNS.c.id == bindparam("run_id")).with_for_update()
 OUTPUTS = (
     select(STEPS.c.invocation_id.label("_inv"), LINEAGE.c.name.label("_out"), ARTIFACTS)
     .select_from(
@@ -145,13 +158,5 @@ COMPLETE = (
         .where(RUNS.c.id == STEPS.c.run_id)
         .scalar_subquery()
         .label("run_status")
-    )
-)
-
-QUEUE_READY = (
-    update(STEPS)
-    .where(STEPS.c.id == bindparam("_id"), STEPS.c.status == StepStatus.READY.value)
-    .values(
-        status=StepStatus.QUEUED.value, task_id=bindparam("_task_id"), queued_at=bindparam("_now")
     )
 )

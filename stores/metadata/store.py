@@ -44,6 +44,32 @@ def _redact(url: str) -> str:
     return url
 
 
+def _ping_when_idle(engine: Any, *, idle_s: float) -> None:
+    """Test a pooled connection before use only if it sat idle for ``idle_s`` seconds.
+
+    ``pool_pre_ping`` would add a round trip to every transaction (two per step);
+    a connection in constant use is known to be alive.
+    """
+    from sqlalchemy import event, exc
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        record.info["zw_last_used"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        last = record.info.get("zw_last_used")
+        if last is None or time.monotonic() - last < idle_s:
+            return
+        try:
+            cur = dbapi_conn.cursor()
+            cur.execute("SELECT 1")
+            cur.close()
+        except Exception as e:
+            # The pool discards this connection and checks out a fresh one.
+            raise exc.DisconnectionError(str(e)) from e
+
+
 class MetadataStore:
     """Connection to the metadata database.
 
@@ -107,7 +133,8 @@ class MetadataStore:
                     conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
             else:
-                engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+                engine = create_engine(self.url, pool_size=5, max_overflow=10)
+                _ping_when_idle(engine, idle_s=10.0)
         except (ArgumentError, NoSuchModuleError, ModuleNotFoundError) as e:
             raise MetadataStoreError(
                 f"cannot use metadata store URL {_redact(self.url)!r} ({e}); set ZW_METADATA_URL to "

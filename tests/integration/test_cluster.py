@@ -24,7 +24,7 @@ from tests.services.process import ServiceProcess, wait_until
 from zenml_workers import Client, submit
 from zenml_workers.errors import NoWorkerForQueueError, StepFailedError
 from zenml_workers.sdk.stack import close_stacks
-from zenml_workers.settings import Settings, load_settings
+from zenml_workers.settings import Settings
 
 pytestmark = pytest.mark.services
 
@@ -59,14 +59,23 @@ def cluster(
         "ZW_HOME": str(logs / "home"),
     }
     settings = Settings(
-        broker_url=env["ZW_BROKER_URL"], metadata_url=env["ZW_METADATA_URL"], artifact_uri=env["ZW_ARTIFACT_URI"],
-        s3_endpoint_url=env["ZW_S3_ENDPOINT_URL"], s3_access_key_id=env["ZW_S3_ACCESS_KEY_ID"],
-        s3_secret_access_key=env["ZW_S3_SECRET_ACCESS_KEY"], s3_region=env["ZW_S3_REGION"],
-        queues=["cpu", "gpu", "nowhere"], heartbeat_interval_s=1, lease_s=LEASE_S, home=logs / "home",
+        broker_url=env["ZW_BROKER_URL"],
+        metadata_url=env["ZW_METADATA_URL"],
+        artifact_uri=env["ZW_ARTIFACT_URI"],
+        s3_endpoint_url=env["ZW_S3_ENDPOINT_URL"],
+        s3_access_key_id=env["ZW_S3_ACCESS_KEY_ID"],
+        s3_secret_access_key=env["ZW_S3_SECRET_ACCESS_KEY"],
+        s3_region=env["ZW_S3_REGION"],
+        queues=["cpu", "gpu", "nowhere"],
+        heartbeat_interval_s=1,
+        lease_s=LEASE_S,
+        home=logs / "home",
     )
     cpu = start_celery_worker("zenml_workers.worker", ["cpu"], 2, env, "cpu@zwtest", log_dir=logs)
     try:
-        gpu = start_celery_worker("zenml_workers.worker", ["gpu"], 1, env, "gpu@zwtest", pool="solo", log_dir=logs)
+        gpu = start_celery_worker(
+            "zenml_workers.worker", ["gpu"], 1, env, "gpu@zwtest", pool="solo", log_dir=logs
+        )
     except BaseException:
         cpu.stop()
         raise
@@ -91,13 +100,19 @@ def test_cluster_routes_trainer_steps_to_the_gpu_worker(cluster: Cluster) -> Non
 
 
 def test_cluster_fan_out_runs_steps_concurrently(cluster: Cluster) -> None:
-    run = submit(pl.fan, settings=cluster.settings, seed=int(time.time()), width=4).wait(timeout_s=60)
+    run = submit(pl.fan, settings=cluster.settings, seed=int(time.time()), width=4).wait(
+        timeout_s=60
+    )
 
-    intervals = [run.steps[k].outputs["interval"].load() for k in run.steps if k.startswith("slow_part")]
+    intervals = [
+        run.steps[k].outputs["interval"].load() for k in run.steps if k.startswith("slow_part")
+    ]
     assert run.steps["gather"].output.load() == 4
     assert len({i["pid"] for i in intervals}) == 2  # both pool processes took steps
     overlapping = [
-        (a["i"], b["i"]) for a in intervals for b in intervals
+        (a["i"], b["i"])
+        for a in intervals
+        for b in intervals
         if a["i"] < b["i"] and a["start"] < b["end"] and b["start"] < a["end"]
     ]
     assert overlapping, f"no two fan-out steps overlapped in time: {intervals}"
@@ -105,7 +120,8 @@ def test_cluster_fan_out_runs_steps_concurrently(cluster: Cluster) -> None:
 
 def test_cluster_runs_a_step_defined_in_main(cluster: Cluster, tmp_path: Path) -> None:
     script = tmp_path / "notebook_like.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         from typing import Annotated
         from zenml_workers import pipeline, step
 
@@ -121,13 +137,20 @@ def test_cluster_runs_a_step_defined_in_main(cluster: Cluster, tmp_path: Path) -
 
         run = from_main(x=1)
         print("RESULT", run.id, run.steps["only_here"].output.load(), run.steps["only_here"].worker_host)
-    """))
+    """)
+    )
     out = subprocess.run(
-        [sys.executable, str(script)], env=service_env(cluster.env), cwd=tmp_path,
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, str(script)],
+        env=service_env(cluster.env),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    _, run_id, value, host = next(line for line in out.stdout.splitlines() if line.startswith("RESULT")).split()
+    _, run_id, value, host = next(
+        line for line in out.stdout.splitlines() if line.startswith("RESULT")
+    ).split()
     assert (value, host) == ("42", "cpu@zwtest")
     source = Client(cluster.settings).get_run(run_id)
     assert source.steps["only_here"].status == "completed"
@@ -173,7 +196,9 @@ def test_cluster_cancel_stops_a_running_step(cluster: Cluster, tmp_path: Path) -
     assert run.steps["add_one"].status == "cancelled"
     assert not list(tmp_path.glob("finished-*"))
     # The worker is free again: the next run completes.
-    assert submit(pl.routed, settings=cluster.settings, x=7).wait(timeout_s=60).status == "completed"
+    assert (
+        submit(pl.routed, settings=cluster.settings, x=7).wait(timeout_s=60).status == "completed"
+    )
 
 
 def test_cluster_reports_a_queue_without_workers(cluster: Cluster) -> None:
@@ -197,9 +222,9 @@ def test_cluster_recovers_a_step_whose_worker_was_killed(cluster: Cluster, tmp_p
     stack_metadata = Client(cluster.settings)._stack.metadata
     service = SchedulerService(
         stack_metadata,
-        lambda queued: __import__("zenml_workers.worker.app", fromlist=["send_steps"]).send_steps(
-            handle._stack.orchestrator.app, queued
-        ),
+        lambda queued: __import__(
+            "zenml_workers.worker.celery_app", fromlist=["send_steps"]
+        ).send_steps(handle._stack.orchestrator.app, queued),
         policy=RecoveryPolicy(),
     )
     requeued = service.run_once(now=time.time() + LEASE_S + 1)
@@ -231,7 +256,11 @@ def test_cluster_flower_lists_step_tasks_by_step_name(cluster: Cluster, start_fl
     def names() -> set[str]:
         return {t.get("name") for t in flower.tasks().values()}
 
-    wait_until(lambda: {"routed.make", "routed.add_one", "routed.fit"} <= names(), 30, "Flower to list the steps")
+    wait_until(
+        lambda: {"routed.make", "routed.add_one", "routed.fit"} <= names(),
+        30,
+        "Flower to list the steps",
+    )
     task = next(t for t in flower.tasks().values() if t.get("name") == "routed.fit")
     assert run.id in json.dumps(task.get("kwargs"))
     assert task.get("state") == "SUCCESS"
@@ -242,10 +271,24 @@ def test_cluster_worker_refuses_gpu_queue_without_a_gpu(cluster: Cluster, tmp_pa
     env["PATH"] = "/usr/bin:/bin"  # no nvidia-smi here
     for argv in (
         [sys.executable, "-m", "zenml_workers.cli", "worker", "--queues", "gpu"],
-        [sys.executable, "-m", "celery", "-A", "zenml_workers.worker", "worker", "-Q", "gpu", "-P", "solo",
-         "--without-mingle", "--without-gossip"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "zenml_workers.worker",
+            "worker",
+            "-Q",
+            "gpu",
+            "-P",
+            "solo",
+            "--without-mingle",
+            "--without-gossip",
+        ],
     ):
-        out = subprocess.run(argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            argv, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+        )
         assert out.returncode != 0, argv
         assert "sees no GPU" in out.stderr + out.stdout, argv
         assert "--skip-gpu-check" in out.stderr + out.stdout, argv
@@ -257,22 +300,33 @@ def test_cluster_small_run_is_not_starved_by_a_big_fan_out(cluster: Cluster) -> 
     little = submit(pl.small, settings=narrow, x=int(time.time()))
 
     small_run = little.wait(timeout_s=60)
-    assert big.status == "running", "the small run should finish while the big fan-out is still going"
+    assert big.status == "running", (
+        "the small run should finish while the big fan-out is still going"
+    )
     big_run = big.wait(timeout_s=120)
     assert small_run.ended_at is not None and big_run.ended_at is not None
     assert small_run.ended_at < big_run.ended_at
     assert sum(1 for s in big_run.steps.values() if s.status == "completed") == 200
 
 
-def test_cluster_scheduler_service_flags_runs_on_dead_queues(cluster: Cluster, tmp_path: Path) -> None:
+def test_cluster_scheduler_service_flags_runs_on_dead_queues(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     service = ServiceProcess(
-        "zw scheduler", [sys.executable, "-m", "scheduler"], log_path=tmp_path / "scheduler.log",
-        env=service_env({**cluster.env, "ZW_SCHEDULER_INTERVAL_S": "0.5"}), cwd=REPO_ROOT,
+        "zw scheduler",
+        [sys.executable, "-m", "scheduler"],
+        log_path=tmp_path / "scheduler.log",
+        env=service_env({**cluster.env, "ZW_SCHEDULER_INTERVAL_S": "0.5"}),
+        cwd=REPO_ROOT,
     ).start()
     try:
         handle = submit(pl.unroutable, settings=cluster.settings)
         client = Client(cluster.settings)
-        wait_until(lambda: "no live worker" in client.get_run(handle.id).message, 30, "the scheduler to flag the run")
+        wait_until(
+            lambda: "no live worker" in client.get_run(handle.id).message,
+            30,
+            "the scheduler to flag the run",
+        )
         assert "zw worker --queues nowhere" in client.get_run(handle.id).message
         handle.cancel()
     finally:
@@ -280,13 +334,27 @@ def test_cluster_scheduler_service_flags_runs_on_dead_queues(cluster: Cluster, t
 
 
 def test_cluster_cli_prints_step_logs_and_runs(cluster: Cluster) -> None:
-    run = submit(pl.routed, settings=cluster.settings, x=int(time.time()) % 1000 + 5000).wait(timeout_s=60)
+    run = submit(pl.routed, settings=cluster.settings, x=int(time.time()) % 1000 + 5000).wait(
+        timeout_s=60
+    )
     env = service_env(cluster.env)
 
-    logs = subprocess.run([sys.executable, "-m", "zenml_workers.cli", "logs", run.id, "make"], env=env,
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    shown = subprocess.run([sys.executable, "-m", "zenml_workers.cli", "show", run.id[:8]], env=env,
-                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    logs = subprocess.run(
+        [sys.executable, "-m", "zenml_workers.cli", "logs", run.id, "make"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    shown = subprocess.run(
+        [sys.executable, "-m", "zenml_workers.cli", "show", run.id[:8]],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     assert logs.returncode == 0, logs.stderr
     assert f"making {run.config['parameters']['x']}" in logs.stdout

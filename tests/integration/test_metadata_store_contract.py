@@ -33,17 +33,30 @@ def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[MetadataStore]:
     st.dispose()
 
 
-def step(inv: str, *, ups: tuple[str, ...] = (), inputs: dict[str, list[str]] | None = None,
-         retries: int = 0, cache: bool = True, outputs: tuple[str, ...] = ("output",)) -> StepSpec:
+def step(
+    inv: str,
+    *,
+    ups: tuple[str, ...] = (),
+    inputs: dict[str, list[str]] | None = None,
+    retries: int = 0,
+    cache: bool = True,
+    outputs: tuple[str, ...] = ("output",),
+) -> StepSpec:
     ins = tuple(
         InputSpec(name=n, refs=tuple(InputRef(u, "output") for u in us), is_list=len(us) > 1)
         for n, us in (inputs or {}).items()
     )
     upstream = tuple(sorted(set(ups) | {r.step for i in ins for r in i.refs}))
     return StepSpec(
-        invocation_id=inv, name=inv.split("_")[0], code_hash=f"sha256:code-{inv}", source_hash=f"sha256:src-{inv}",
-        inputs=ins, upstream=upstream, outputs=tuple(OutputSpec(o, "builtins:int", JSON_MAT) for o in outputs),
-        retries=retries, enable_cache=cache,
+        invocation_id=inv,
+        name=inv.split("_")[0],
+        code_hash=f"sha256:code-{inv}",
+        source_hash=f"sha256:src-{inv}",
+        inputs=ins,
+        upstream=upstream,
+        outputs=tuple(OutputSpec(o, "builtins:int", JSON_MAT) for o in outputs),
+        retries=retries,
+        enable_cache=cache,
     )
 
 
@@ -51,39 +64,95 @@ def pipeline(*steps: StepSpec, name: str = "p") -> PipelineSpec:
     return PipelineSpec(name=name, steps=steps)
 
 
-def plan(st: MetadataStore, spec: PipelineSpec, *, window: int = 64, now: float = NOW) -> tuple[str, list[Any]]:
+def plan(
+    st: MetadataStore, spec: PipelineSpec, *, window: int = 64, now: float = NOW
+) -> tuple[str, list[Any]]:
     run_id = str(uuid.uuid4())
-    blobs = [{"code_hash": s.code_hash, "name": s.name, "source": "", "pickled": b"x"} for s in spec.steps]
+    blobs = [
+        {"code_hash": s.code_hash, "name": s.name, "source": "", "pickled": b"x"}
+        for s in spec.steps
+    ]
     with st.transaction() as s:
         queued = dispatch.plan_run(
-            s, spec=spec, code_blobs=blobs, run_id=run_id, run_name=f"r-{run_id[:6]}", config={},
-            environment={}, user="u", orchestrator="test", window=window, now=now,
+            s,
+            spec=spec,
+            code_blobs=blobs,
+            run_id=run_id,
+            run_name=f"r-{run_id[:6]}",
+            config={},
+            environment={},
+            user="u",
+            orchestrator="test",
+            window=window,
+            now=now,
         )
     return run_id, queued
 
 
-def claim(st: MetadataStore, queued: Any, *, now: float = NOW, lease_s: float = 60.0) -> StepRunRow | None:
+def claim(
+    st: MetadataStore, queued: Any, *, now: float = NOW, lease_s: float = 60.0
+) -> StepRunRow | None:
     with st.transaction() as s:
         return q.claim(s, queued.task.step_run_id, host="h", pid=1, lease_s=lease_s, now=now)
 
 
-def succeed(st: MetadataStore, row: StepRunRow, value_hash: str = "sha256:v", *, window: int = 64,
-            now: float = NOW) -> list[Any] | None:
+def succeed(
+    st: MetadataStore,
+    row: StepRunRow,
+    value_hash: str = "sha256:v",
+    *,
+    window: int = 64,
+    now: float = NOW,
+) -> list[Any] | None:
     art_id = q.new_id()
     with st.transaction() as s:
         _, by_id, _ = dispatch.SPECS.get(s, row.run_id)
-        artifacts = [{
-            "id": art_id, "name": "output", "uri": f"memory://t/{art_id}", "data_type": "builtins:int",
-            "materializer": JSON_MAT, "content_hash": value_hash, "size_bytes": 1, "artifact_metadata": {},
-            "producer_run_id": row.run_id, "producer_step_run_id": row.id, "created_at": now,
-        }] if by_id[row.invocation_id].outputs else []
+        artifacts = (
+            [
+                {
+                    "id": art_id,
+                    "name": "output",
+                    "uri": f"memory://t/{art_id}",
+                    "data_type": "builtins:int",
+                    "materializer": JSON_MAT,
+                    "content_hash": value_hash,
+                    "size_bytes": 1,
+                    "artifact_metadata": {},
+                    "producer_run_id": row.run_id,
+                    "producer_step_run_id": row.id,
+                    "created_at": now,
+                }
+            ]
+            if by_id[row.invocation_id].outputs
+            else []
+        )
         up = {r.step for i in by_id[row.invocation_id].inputs for r in i.refs}
         produced = q.output_artifacts(s, row.run_id, up)
-        edges = [{"step_run_id": row.id, "direction": "output", "name": "output", "position": 0,
-                  "artifact_id": art_id, "run_id": row.run_id}] if artifacts else []
+        edges = (
+            [
+                {
+                    "step_run_id": row.id,
+                    "direction": "output",
+                    "name": "output",
+                    "position": 0,
+                    "artifact_id": art_id,
+                    "run_id": row.run_id,
+                }
+            ]
+            if artifacts
+            else []
+        )
         edges += dispatch.input_edges(by_id[row.invocation_id], row.id, row.run_id, produced)
-        return dispatch.step_succeeded(s, row, attempt=row.attempt, artifacts=artifacts, edges=edges,
-                                       values={}, window=window, now=now)
+        return dispatch.step_succeeded(
+            s,
+            row,
+            attempt=row.attempt,
+            artifacts=artifacts,
+            edges=edges,
+            values={},
+            window=window,
+            now=now,
+        )
 
 
 def statuses(st: MetadataStore, run_id: str) -> dict[str, str]:
@@ -149,7 +218,7 @@ def test_success_commits_lineage_and_completes_the_run(store: MetadataStore) -> 
     assert run_status(store, run_id) == "completed"
     with store.read() as s:
         b = q.step_runs(s, run_id, ["b"])[0]
-        (name, _, art), = q.step_artifacts(s, b.id, q.INPUT)
+        ((name, _, art),) = q.step_artifacts(s, b.id, q.INPUT)
         a_out = q.output_artifacts(s, run_id, ["a"])[("a", "output")]
     assert (name, art.id) == ("x", a_out.id)
 
@@ -203,12 +272,19 @@ def test_failure_retries_then_fails_the_run_and_skips_the_rest(store: MetadataSt
     row = claim(store, queued[0])
     assert row is not None
     with store.transaction() as s:
-        retry = dispatch.step_failed(s, row, attempt=1, error="E: 1", traceback="tb1", values={}, now=NOW)
+        retry = dispatch.step_failed(
+            s, row, attempt=1, error="E: 1", traceback="tb1", values={}, now=NOW
+        )
     assert retry is not None and [x.task.invocation_id for x in retry] == ["a"]
     row = claim(store, retry[0])
     assert row is not None and row.attempt == 2
     with store.transaction() as s:
-        assert dispatch.step_failed(s, row, attempt=2, error="E: 2", traceback="tb2", values={}, now=NOW) == []
+        assert (
+            dispatch.step_failed(
+                s, row, attempt=2, error="E: 2", traceback="tb2", values={}, now=NOW
+            )
+            == []
+        )
 
     assert statuses(store, run_id) == {"a": "failed", "b": "skipped"}
     with store.read() as s:
@@ -283,8 +359,16 @@ def test_concurrent_finishers_queue_a_join_exactly_once(store: MetadataStore) ->
 def test_a_failed_transaction_leaves_no_rows(store: MetadataStore) -> None:
     with pytest.raises(RuntimeError), store.transaction() as s:
         dispatch.plan_run(
-            s, spec=pipeline(step("a")), code_blobs=[], run_id=str(uuid.uuid4()), run_name="x", config={},
-            environment={}, user="u", orchestrator="t", now=NOW,
+            s,
+            spec=pipeline(step("a")),
+            code_blobs=[],
+            run_id=str(uuid.uuid4()),
+            run_name="x",
+            config={},
+            environment={},
+            user="u",
+            orchestrator="t",
+            now=NOW,
         )
         raise RuntimeError("crash after planning")
     with store.read() as s:
@@ -301,7 +385,9 @@ def test_bad_urls_give_one_sentence(tmp_path) -> None:
     with pytest.raises(MetadataStoreError, match="ZW_METADATA_URL"):
         MetadataStore("nosuchdriver://x/y").migrate()
     unreachable = MetadataStore("postgresql+psycopg://postgres@127.0.0.1:1/zw")
-    with pytest.raises(MetadataStoreError, match="cannot reach the metadata store.*ZW_METADATA_URL"):
+    with pytest.raises(
+        MetadataStoreError, match="cannot reach the metadata store.*ZW_METADATA_URL"
+    ):
         with unreachable.read():
             pass
 
@@ -316,4 +402,3 @@ def test_worker_heartbeats_define_live_queues(store: MetadataStore) -> None:
         q.worker_stopped(s, "w1")
     with store.read() as s:
         assert q.live_queues(s, now=NOW, max_age_s=60) == set()
-

@@ -20,7 +20,7 @@ class CeleryOrchestrator(Orchestrator):
 
     def __init__(self, settings: Settings, metadata: MetadataStore) -> None:
         super().__init__(settings, metadata)
-        from zenml_workers.worker.app import RunEvents, create_app
+        from zenml_workers.worker.celery_app import RunEvents, create_app
 
         self.app = create_app(settings)
         self.events = RunEvents(settings.broker_url or "")
@@ -37,7 +37,7 @@ class CeleryOrchestrator(Orchestrator):
             return sub
 
     def send(self, run_id: str, queued: Sequence[QueuedStep]) -> None:
-        from zenml_workers.worker.app import send_steps
+        from zenml_workers.worker.celery_app import send_steps
 
         # Subscribe before sending, so the run cannot end unseen in between.
         self._subscribe(run_id)

@@ -18,7 +18,7 @@ def __getattr__(name: str) -> Any:
     if name in ("app", "celery"):
         if _app is None:
             from zenml_workers.settings import load_settings
-            from zenml_workers.worker.app import create_app
+            from zenml_workers.worker.celery_app import create_app
 
             _app = create_app(load_settings())
         return _app

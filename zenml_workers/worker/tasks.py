@@ -38,12 +38,17 @@ def worker_context(app: Celery) -> WorkerContext:
 def register(app: Celery) -> None:
     from celery import signals
 
-    from zenml_workers.worker.app import STEP_TASK, RunEvents, send_steps
+    from zenml_workers.worker.celery_app import STEP_TASK, RunEvents, send_steps
 
     events = RunEvents(app.conf.zw_settings.broker_url or "")
 
     @app.task(
-        name=STEP_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+        name=STEP_TASK,
+        bind=True,
+        shared=False,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
     )
     def run_step(self: Any, task: dict[str, Any]) -> None:
         from zenml_workers.worker.execute import execute_step
@@ -55,7 +60,9 @@ def register(app: Celery) -> None:
             ctx.host = self.request.hostname
         follow = execute_step(step_task, ctx)
         send_steps(app, follow)
-        events.publish(step_task.run_id, step=step_task.invocation_id, idle=not follow)
+        if not follow:
+            # Only a step that queued nothing may have ended its run: wake the waiters.
+            events.publish(step_task.run_id, step=step_task.invocation_id, idle=True)
 
     state: dict[str, Any] = {}
 

@@ -46,7 +46,9 @@ def create_app(settings: Settings) -> Celery:
         task_default_queue="cpu",
         task_create_missing_queues=True,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Flower learns of a step when a worker receives it; "sent" events would add a
+        # broker write to every step hand-off.
+        task_send_sent_event=False,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": int(settings.visibility_timeout_s)},

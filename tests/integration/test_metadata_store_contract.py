@@ -402,3 +402,36 @@ def test_worker_heartbeats_define_live_queues(store: MetadataStore) -> None:
         q.worker_stopped(s, "w1")
     with store.read() as s:
         assert q.live_queues(s, now=NOW, max_age_s=60) == set()
+
+
+def test_concurrent_last_steps_close_the_run_exactly_once(store: MetadataStore) -> None:
+    # The last two steps commit at once. Under READ COMMITTED each used to see the other as still
+    # running, so neither closed the run. Here the first holds its transaction open while the
+    # second commits (or blocks, as it must, on the run row) before the first commits.
+    run_id, queued = plan(store, pipeline(step("l"), step("r")))
+    first, second = (claim(store, x) for x in queued)
+    assert first is not None and second is not None
+    first_counted, second_done = threading.Event(), threading.Event()
+
+    def finish_first() -> None:
+        with store.transaction() as s:
+            dispatch.step_succeeded(s, first, attempt=1, artifacts=[], edges=[], values={}, now=NOW)
+            first_counted.set()
+            second_done.wait(1.0)  # returns False when the second is (correctly) blocked
+
+    def finish_second() -> None:
+        first_counted.wait(30)
+        with store.transaction() as s:
+            dispatch.step_succeeded(
+                s, second, attempt=1, artifacts=[], edges=[], values={}, now=NOW
+            )
+        second_done.set()
+
+    threads = [threading.Thread(target=finish_first), threading.Thread(target=finish_second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    assert statuses(store, run_id) == {"l": "completed", "r": "completed"}
+    assert run_status(store, run_id) == "completed"

@@ -55,6 +55,12 @@ class SpecCache:
             self._specs.pop(next(iter(self._specs)))
         self._specs[run_id] = (spec, spec.by_id(), spec.downstream())
 
+    def cached(
+        self, run_id: str
+    ) -> tuple[PipelineSpec, dict[str, StepSpec], dict[str, tuple[str, ...]]] | None:
+        """The run's spec if this process has it, without touching the database."""
+        return self._specs.get(run_id)
+
     def get(
         self, s: Session, run_id: str
     ) -> tuple[PipelineSpec, dict[str, StepSpec], dict[str, tuple[str, ...]]]:
@@ -291,22 +297,47 @@ def _resolve(
         q.settle_steps(s, settled)
         q.add_lineage(s, edges)
         wave = [r for inv in cached for r in q.decrement_deps(s, run_id, downstream[inv])]
-    queued = fill_window(s, run_id, spec.name, window=window, now=now)
+    queued = fill_window(
+        s, run_id, spec.name, window=window, now=now, by_id=by_id, produced=produced
+    )
     if not queued:
         finish_run_if_done(s, run_id, now=now)
     return queued
 
 
 def fill_window(
-    s: Session, run_id: str, pipeline: str, *, window: int, now: float
+    s: Session,
+    run_id: str,
+    pipeline: str,
+    *,
+    window: int,
+    now: float,
+    by_id: dict[str, StepSpec] | None = None,
+    produced: dict[tuple[str, str], Any] | None = None,
 ) -> list[QueuedStep]:
-    """Queue ready steps of a run until ``window`` of them are on the broker or running."""
-    return [_queued_step(row, pipeline) for row in q.queue_ready(s, run_id, window, now)]
+    """Queue ready steps of a run until ``window`` of them are on the broker or running.
+
+    With ``by_id`` and ``produced``, a task whose input artifacts are all known here
+    carries them, so its worker need not read them back.
+    """
+    out = []
+    for row in q.queue_ready(s, run_id, window, now):
+        inputs = None
+        if by_id is not None and produced is not None:
+            refs = [(r.step, r.output) for i in by_id[row.invocation_id].inputs for r in i.refs]
+            if all(ref in produced and produced[ref].uri for ref in refs):
+                inputs = [{"step": a, "output": b, **produced[(a, b)].encode()} for a, b in refs]
+        out.append(_queued_step(row, pipeline, inputs))
+    return out
 
 
-def _queued_step(row: Any, pipeline: str) -> QueuedStep:
+def _queued_step(row: Any, pipeline: str, inputs: list[dict[str, str]] | None = None) -> QueuedStep:
     task = StepTask(
-        run_id=row.run_id, step_run_id=row.id, invocation_id=row.invocation_id, pipeline=pipeline
+        run_id=row.run_id,
+        step_run_id=row.id,
+        invocation_id=row.invocation_id,
+        pipeline=pipeline,
+        inputs=inputs,
     )
     return QueuedStep(task=task, queue=row.queue, task_id=row.task_id, step_name=row.step_name)
 
@@ -345,7 +376,10 @@ def step_succeeded(
     _, _, downstream = SPECS.get(s, row.run_id)
     unblocked = q.decrement_deps(s, row.run_id, downstream[row.invocation_id])
     known = {
-        (row.invocation_id, a["name"]): q.ArtifactRef(a["id"], a["content_hash"]) for a in artifacts
+        (row.invocation_id, a["name"]): q.ArtifactRef(
+            a["id"], a["content_hash"], a["uri"], a["materializer"], a["data_type"]
+        )
+        for a in artifacts
     }
     return _resolve(s, row.run_id, unblocked, window=window, now=now, known=known)
 

@@ -159,16 +159,25 @@ class PipelineSpec:
 
 @dataclass(frozen=True)
 class StepTask:
-    """The broker message for one step attempt. Everything else is read from the SQL store."""
+    """The broker message for one step attempt. Everything else is read from the SQL store.
+
+    ``inputs`` optionally carries the step's input artifacts (``{step, output, id, uri,
+    materializer, data_type, content_hash}`` each), known to the transaction
+    that queued it; artifacts are immutable, so the worker can skip reading them back.
+    """
 
     run_id: str
     step_run_id: str
     invocation_id: str
     pipeline: str
+    inputs: list[dict[str, str]] | None = None
     version: int = SPEC_VERSION
 
     def encode(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.inputs is None:
+            del d["inputs"]
+        return d
 
     @classmethod
     def decode(cls, d: dict[str, Any]) -> StepTask:
@@ -177,5 +186,6 @@ class StepTask:
             step_run_id=d["step_run_id"],
             invocation_id=d["invocation_id"],
             pipeline=d.get("pipeline", ""),
+            inputs=d.get("inputs"),
             version=d.get("version", SPEC_VERSION),
         )

@@ -36,10 +36,22 @@ STEPS, LINEAGE, ARTIFACTS, RUNS = sql.STEPS, sql.LINEAGE, sql.ARTIFACTS, sql.RUN
 
 @dataclass(frozen=True)
 class ArtifactRef:
-    """An artifact's id and content hash: all a cache decision needs."""
+    """What deciding a cache hit and loading an input need to know of an artifact."""
 
     id: str
     content_hash: str
+    uri: str = ""
+    materializer: str = ""
+    data_type: str = ""
+
+    def encode(self) -> dict[str, str]:
+        return {
+            "id": self.id,
+            "content_hash": self.content_hash,
+            "uri": self.uri,
+            "materializer": self.materializer,
+            "data_type": self.data_type,
+        }
 
 
 @dataclass
@@ -378,7 +390,9 @@ def cache_hits(s: Session, keys: Iterable[str]) -> dict[str, CacheHit]:
         if hit is None or (hit.step_run_id != r.id and (r.ended_at or 0) > hit.ended_at):
             hit = hits[r.cache_key] = CacheHit(r.id, r.run_id, r.ended_at or 0.0, {})
         if hit.step_run_id == r.id and r.name is not None:
-            hit.outputs[r.name] = ArtifactRef(r.artifact_id, r.content_hash)
+            hit.outputs[r.name] = ArtifactRef(
+                r.artifact_id, r.content_hash, r.uri, r.materializer, r.data_type
+            )
     return hits
 
 
@@ -417,13 +431,16 @@ def add_lineage(s: Session, edges: Sequence[dict[str, Any]]) -> None:
 
 def output_artifacts(
     s: Session, run_id: str, invocation_ids: Iterable[str]
-) -> dict[tuple[str, str], Row[Any]]:
-    """Outputs of the given invocations of a run: ``{(invocation_id, output_name): artifact row}``."""
+) -> dict[tuple[str, str], ArtifactRef]:
+    """Outputs of the given invocations of a run: ``{(invocation_id, output_name): artifact}``."""
     ids = list(invocation_ids)
     if not ids:
         return {}
     rows = s.connection().execute(sql.OUTPUTS, {"run_id": run_id, "invs": ids})
-    return {(r._inv, r._out): r for r in rows}
+    return {
+        (r._inv, r._out): ArtifactRef(r.id, r.content_hash, r.uri, r.materializer, r.data_type)
+        for r in rows
+    }
 
 
 def step_artifacts(

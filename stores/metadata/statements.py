@@ -111,6 +111,9 @@ CACHE_HITS = (
         LINEAGE.c.name,
         ARTIFACTS.c.id.label("artifact_id"),
         ARTIFACTS.c.content_hash,
+        ARTIFACTS.c.uri,
+        ARTIFACTS.c.materializer,
+        ARTIFACTS.c.data_type,
     )
     .select_from(
         STEPS.outerjoin(

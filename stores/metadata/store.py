@@ -87,6 +87,7 @@ class MetadataStore:
         self._migrate = migrate
         self._engine: Engine | None = None
         self._write_engine: Engine | None = None
+        self._autocommit_engine: Engine | None = None
         self._pid = os.getpid()
         self._ready = False
         path = url.split("///", 1)[-1] if url.startswith("sqlite") else ""
@@ -150,7 +151,7 @@ class MetadataStore:
             # A forked child must not reuse the parent's connections.
             if self._engine is not None:
                 self._engine.dispose(close=False)
-            self._engine = self._write_engine = None
+            self._engine = self._write_engine = self._autocommit_engine = None
             self._pid = os.getpid()
         if self._engine is None:
             self._build_engine()
@@ -168,7 +169,7 @@ class MetadataStore:
     def dispose(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
-        self._engine = self._write_engine = None
+        self._engine = self._write_engine = self._autocommit_engine = None
         self._ready = False
 
     # -- migrations -------------------------------------------------------------------------
@@ -259,6 +260,26 @@ class MetadataStore:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Session]:
+        """A session whose statements commit one by one: for a single guarded ``UPDATE`` it
+        saves the ``BEGIN``/``COMMIT`` round trips. On SQLite, a normal write transaction."""
+        if self.is_sqlite:
+            with self.transaction() as session:
+                yield session
+            return
+        from sqlalchemy.exc import OperationalError
+        from sqlalchemy.orm import Session
+
+        engine = self.engine
+        if self._autocommit_engine is None:
+            self._autocommit_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            with Session(self._autocommit_engine, expire_on_commit=False) as session:
+                yield session
+        except OperationalError as e:
+            raise self._unreachable(e) from e
 
     @contextmanager
     def read(self) -> Iterator[Session]:

@@ -387,9 +387,8 @@ def test_bad_urls_give_one_sentence(tmp_path) -> None:
     unreachable = MetadataStore("postgresql+psycopg://postgres@127.0.0.1:1/zw")
     with pytest.raises(
         MetadataStoreError, match="cannot reach the metadata store.*ZW_METADATA_URL"
-    ):
-        with unreachable.read():
-            pass
+    ), unreachable.read():
+        pass
 
 
 def test_worker_heartbeats_define_live_queues(store: MetadataStore) -> None:

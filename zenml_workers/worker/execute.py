@@ -134,23 +134,33 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
     duplicate delivery is dropped here, so the broker may redeliver freely.
     """
     settings = ctx.settings
-    with ctx.metadata.transaction() as s:
-        spec, by_id, _ = dispatch.SPECS.get(s, task.run_id)
-        step = by_id[task.invocation_id]
-        lease_s = lease_for(step, settings)
+    spec_entry = dispatch.SPECS.cached(task.run_id)
+    if spec_entry is None:
+        with ctx.metadata.read() as s:
+            spec_entry = dispatch.SPECS.get(s, task.run_id)
+    step = spec_entry[1][task.invocation_id]
+    lease_s = lease_for(step, settings)
+    # The claim is one guarded UPDATE, committed on its own: no BEGIN/COMMIT round trips.
+    with ctx.metadata.autocommit() as s:
         row = q.claim(
             s, task.step_run_id, host=ctx.host, pid=os.getpid(), lease_s=lease_s, now=time.time()
         )
-        if row is None:
-            log.info(
-                "run %s step %s: already taken or run ended; dropping task",
-                task.run_id,
-                task.invocation_id,
-            )
-            return []
-        upstream = {ref.step for i in step.inputs for ref in i.refs}
-        produced = q.output_artifacts(s, task.run_id, upstream)
-        blob = None if step.code_hash in ctx.code else q.get_code_blob(s, step.code_hash).pickled
+    if row is None:
+        log.info(
+            "run %s step %s: already taken or run ended; dropping task",
+            task.run_id,
+            task.invocation_id,
+        )
+        return []
+    produced = _carried_inputs(task)
+    blob = None
+    if produced is None or step.code_hash not in ctx.code:
+        with ctx.metadata.read() as s:
+            if produced is None:
+                upstream = {ref.step for i in step.inputs for ref in i.refs}
+                produced = q.output_artifacts(s, task.run_id, upstream)
+            if step.code_hash not in ctx.code:
+                blob = q.get_code_blob(s, step.code_hash).pickled
     attempt = row.attempt
     ctx.leases.hold(row.id, attempt, lease_s)
     written: list[str] = []
@@ -250,6 +260,18 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
             raise
     finally:
         ctx.leases.release(row.id)
+
+
+def _carried_inputs(task: StepTask) -> dict[tuple[str, str], q.ArtifactRef] | None:
+    """Input artifacts the queueing transaction put in the message, if it did."""
+    if task.inputs is None:
+        return None
+    return {
+        (ref["step"], ref["output"]): q.ArtifactRef(
+            ref["id"], ref["content_hash"], ref["uri"], ref["materializer"], ref["data_type"]
+        )
+        for ref in task.inputs
+    }
 
 
 def _describe(e: BaseException) -> str:

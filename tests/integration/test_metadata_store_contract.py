@@ -385,9 +385,10 @@ def test_bad_urls_give_one_sentence(tmp_path) -> None:
     with pytest.raises(MetadataStoreError, match="ZW_METADATA_URL"):
         MetadataStore("nosuchdriver://x/y").migrate()
     unreachable = MetadataStore("postgresql+psycopg://postgres@127.0.0.1:1/zw")
-    with pytest.raises(
-        MetadataStoreError, match="cannot reach the metadata store.*ZW_METADATA_URL"
-    ), unreachable.read():
+    with (
+        pytest.raises(MetadataStoreError, match="cannot reach the metadata store.*ZW_METADATA_URL"),
+        unreachable.read(),
+    ):
         pass
 
 

@@ -34,6 +34,9 @@ demo: setup-demo
 	$(PYTHON) examples/quickstart.py
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
 
 test-unit: setup-python

@@ -210,12 +210,21 @@ def show(ctx: click.Context, run_id: str) -> None:
     from rich.table import Table
 
     from zenml_workers.sdk.client import Client
+    from zenml_workers.sdk.runner import RunHandle
+    from zenml_workers.sdk.stack import get_stack
 
-    run = Client(_settings(ctx)).get_run(run_id)
+    stack = get_stack(_settings(ctx))
+    run = Client(stack.settings).get_run(run_id)
     console = Console()
     console.print(
         f"run [bold]{run.id}[/bold] of [bold]{run.pipeline}[/bold]: {run.status} {run.message}"
     )
+    if run.status == "running":
+        for queue, steps in RunHandle(run.id, stack).blocked_queues().items():
+            console.print(
+                f"[yellow]warning:[/yellow] step(s) {', '.join(steps)} wait on queue {queue!r}, "
+                f"which no live worker consumes; start one with `zw worker --queues {queue}`"
+            )
     table = Table("step", "status", "queue", "attempt", "host", "duration", "outputs")
     for st in run.steps.values():
         duration = f"{st.duration_s:.3f}s" if st.duration_s is not None else "-"

@@ -16,7 +16,7 @@ class ProgressReporter:
         self._bar: Any = None
         self._task: Any = None
         self._last: tuple[int, int] | None = None
-        self._last_line = 0.0
+        self._last_line = time.monotonic()  # the first plain line comes after 2 s, or at the end
 
     def update(self, done: int, total: int) -> None:
         if not self.enabled or (done, total) == self._last:

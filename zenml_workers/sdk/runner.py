@@ -8,7 +8,6 @@ caller is woken by the orchestrator and only reads the run's state.
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from dataclasses import replace
@@ -192,7 +191,8 @@ class RunHandle:
 
         Args:
             timeout_s: give up after this many seconds (None: wait for ever).
-            progress: show progress (None: a progress bar on a terminal, nothing otherwise).
+            progress: show steps done/total: a rich progress bar on a terminal, a plain line at
+                most every 2 s (and at the end) otherwise; False for silence.
             raise_on_failure: raise when the run fails or is cancelled.
 
         Raises:
@@ -206,7 +206,7 @@ class RunHandle:
 
         orch = self._stack.orchestrator
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        show = sys.stderr.isatty() if progress is None else progress
+        show = progress is not False
         reporter = ProgressReporter(self.id, enabled=show)
         next_read = 0.0
         last_blocked_check = 0.0
@@ -241,6 +241,8 @@ class RunHandle:
                     )
                 remaining = 0.5 if deadline is None else max(0.0, min(0.5, deadline - now))
                 hint = orch.wait_changed(self.id, remaining)
+            if show:
+                reporter.update(*self.progress())
         finally:
             reporter.close()
         forget = getattr(orch, "forget", None)

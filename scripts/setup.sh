@@ -4,7 +4,7 @@
 # Usage: scripts/setup.sh [--demo | --no-services]
 #   (default)      system services (redis-server, postgresql, docker-compose) + .venv with [ml,test]
 #   --no-services  only the virtualenv with [ml,test] (unit tests, lint)
-#   --demo         only the virtualenv with [ml]; the embedded default backend needs no servers
+#   --demo         only the virtualenv with [numpy,pandas] (the quickstart's needs); no servers
 # Environment: ZW_SETUP_PROFILE=full|no-services|demo (same as the flags), ZW_VENV (default .venv),
 #   ZW_TORCH_VERSION (default 2.13.0), PYTHON (default python3).
 #
@@ -27,7 +27,7 @@ for arg in "$@"; do
 done
 case "$profile" in
     full | no-services) extras="ml,test" ;;
-    demo) extras="ml" ;;
+    demo) extras="numpy,pandas" ;;
     *) echo "setup.sh: ZW_SETUP_PROFILE must be full, no-services or demo, not '$profile'." >&2; exit 2 ;;
 esac
 
@@ -84,12 +84,12 @@ stamp_of() { printf '%s/.zw-setup-%s.stamp' "$venv" "$1"; }
 stamp_ok() { [ -f "$(stamp_of "$1")" ] && [ "$(cat "$(stamp_of "$1")")" = "$key" ]; }
 
 # The [ml,test] install is a superset of [ml], so a full stamp satisfies the demo too.
-if stamp_ok "$extras" || { [ "$extras" = ml ] && stamp_ok "ml,test"; }; then
+if stamp_ok "$extras" || { [ "$extras" = numpy,pandas ] && stamp_ok "ml,test"; }; then
     log "$venv is up to date (profile $profile)"
     exit 0
 fi
 
-if ! "$venv/bin/python" -c 'import torch' >/dev/null 2>&1; then
+if [[ "$extras" == *ml* ]] && ! "$venv/bin/python" -c 'import torch' >/dev/null 2>&1; then
     # PyPI's Linux torch wheel is the multi-GB CUDA build; take the CPU build from the PyTorch
     # index when it answers (a local wheel via pip's find-links also wins: 2.x+cpu sorts above 2.x).
     # The index is probed first because pip retries an unreachable index for every package.

@@ -105,12 +105,20 @@ def bench_s3(workdir: Path, size_bytes: int) -> list[Result]:
                     f"{'minus the result' if op == 'read' else 'source array already allocated'}); ours vs raw boto3"
                 ),
                 unit="MiB",
-                value=ours["extra_peak_bytes"] / MIB,
-                baseline=raw["extra_peak_bytes"] / MIB,
+                # ru_maxrss is a high-water mark: when the imports had already pushed it
+                # higher, "after minus before" comes out below the array size. Shown as 0
+                # (no extra copy); the raw value stays in results.json.
+                value=max(0.0, ours["extra_peak_bytes"] / MIB),
+                baseline=max(0.0, raw["extra_peak_bytes"] / MIB),
                 baseline_source="raw boto3, this run",
                 ratio=None,
-                target=f"<= {size_bytes / MIB:.0f} MiB (one copy); ours = {copies:.3f} copies",
-                raw={"ours_copies": copies, "raw_copies": raw["extra_peak_bytes"] / size_bytes},
+                target=f"<= {size_bytes / MIB:.0f} MiB (one copy); ours = {max(0.0, copies):.3f} copies",
+                raw={
+                    "ours_copies": copies,
+                    "raw_copies": raw["extra_peak_bytes"] / size_bytes,
+                    "ours_extra_peak_bytes": ours["extra_peak_bytes"],
+                    "raw_extra_peak_bytes": raw["extra_peak_bytes"],
+                },
             )
         )
     return results

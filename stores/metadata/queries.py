@@ -199,13 +199,6 @@ def step_runs(
     return list(s.execute(q).scalars())
 
 
-def get_step_run(s: Session, step_run_id: str) -> StepRunRow:
-    row = s.get(StepRunRow, step_run_id)
-    if row is None:
-        raise NotFoundError(f"no step run with id {step_run_id!r}")
-    return row
-
-
 def status_counts(s: Session, run_id: str) -> dict[str, int]:
     rows = s.execute(
         select(StepRunRow.status, func.count())
@@ -460,19 +453,6 @@ def get_artifact(s: Session, artifact_id: str) -> ArtifactRow:
     if row is None:
         raise NotFoundError(f"no artifact with id {artifact_id!r}")
     return row
-
-
-def artifact_consumers(s: Session, artifact_id: str) -> list[StepRunRow]:
-    return list(
-        s.execute(
-            select(StepRunRow)
-            .join(LineageRow, LineageRow.step_run_id == StepRunRow.id)
-            .where(LineageRow.artifact_id == artifact_id, LineageRow.direction == INPUT)
-        ).scalars()
-    )
-
-
-# -- workers --------------------------------------------------------------------------------
 
 
 def worker_heartbeat(

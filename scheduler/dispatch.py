@@ -241,16 +241,20 @@ def _resolve(
     window: int,
     now: float,
     known: dict[tuple[str, str], Any] | None = None,
+    leaf: bool = True,
 ) -> list[QueuedStep]:
     """Settle steps just unblocked by a finished step: link cache hits (cascading), mark the rest
     ready, then fill the run's broker window.
 
     ``unblocked`` rows carry ``id`` and ``invocation_id``; ``known`` holds artifacts
     this transaction already knows (the finished step's outputs), so they are not read back.
+    ``leaf`` says the finished step has no downstream steps: only then, or after cache
+    hits, can this transaction be the one that ends the run.
     """
     spec, by_id, downstream = SPECS.get(s, run_id)
     produced: dict[tuple[str, str], Any] = dict(known or {})
     wave = list(unblocked)
+    cascaded = False
     while wave:
         missing = {
             r.step
@@ -296,11 +300,12 @@ def _resolve(
             settled.append(row)
         q.settle_steps(s, settled)
         q.add_lineage(s, edges)
+        cascaded = cascaded or bool(cached)
         wave = [r for inv in cached for r in q.decrement_deps(s, run_id, downstream[inv])]
     queued = fill_window(
         s, run_id, spec.name, window=window, now=now, by_id=by_id, produced=produced
     )
-    if not queued:
+    if not queued and (leaf or cascaded):
         finish_run_if_done(s, run_id, now=now)
     return queued
 
@@ -381,7 +386,15 @@ def step_succeeded(
         )
         for a in artifacts
     }
-    return _resolve(s, row.run_id, unblocked, window=window, now=now, known=known)
+    return _resolve(
+        s,
+        row.run_id,
+        unblocked,
+        window=window,
+        now=now,
+        known=known,
+        leaf=not downstream[row.invocation_id],
+    )
 
 
 def step_failed(

@@ -1,7 +1,7 @@
-"""A real PostgreSQL cluster on a loopback port, for metadata-store tests.
+"""A real PostgreSQL cluster on a loopback port, for metadata-store tests and benches.
 
-The cluster lives in a fresh temporary directory owned by the ``postgres`` user when the
-tests run as root (``initdb`` refuses to run as root), with durability turned off for speed.
+The cluster lives in a fresh temporary directory owned by the ``postgres`` user when
+running as root (``initdb`` refuses to run as root), with durability turned off for speed.
 """
 
 from __future__ import annotations
@@ -16,17 +16,22 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
+from typing import TYPE_CHECKING
 
 from tests.services.process import (
     SETUP_HINT,
+    ServiceError,
     ServiceProcess,
+    ServiceUnavailableError,
+    fixture,
     free_port,
     service_unavailable,
 )
+
+if TYPE_CHECKING:
+    import pytest
 
 START_TIMEOUT_S = 30.0
 SUPERUSER = "postgres"
@@ -40,6 +45,8 @@ class PostgresServer:
     host: str
     port: int
     user: str = SUPERUSER
+    process: ServiceProcess | None = field(default=None, repr=False, compare=False)
+    workdir: Path | None = field(default=None, repr=False, compare=False)
 
     def url(self, database: str) -> str:
         """Return the SQLAlchemy URL (``postgresql+psycopg://``) of ``database``."""
@@ -57,6 +64,13 @@ class PostgresServer:
         with psycopg.connect(self._conninfo("postgres"), autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.url(name)
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown, then SIGKILL) and delete its cluster folder."""
+        if self.process is not None:
+            self.process.stop(timeout_s=15.0)
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _conninfo(self, database: str) -> str:
         return f"host={self.host} port={self.port} user={self.user} dbname={database} connect_timeout=2"
@@ -81,24 +95,31 @@ def _select_one(conninfo: str) -> bool:
         return conn.execute("SELECT 1").fetchone() == (1,)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """Start one PostgreSQL cluster for the test session and remove it afterwards.
+def start_postgres(timeout_s: float = START_TIMEOUT_S) -> PostgresServer:
+    """Initialise and start a throw-away cluster (fsync off) on a free loopback port.
 
-    Fails in CI and skips elsewhere when PostgreSQL is not installed.
+    The cluster lives in a new folder under the system temporary directory (not pytest's,
+    which is 0700 root so ``postgres`` could not traverse it); ``.stop()`` removes it.
+
+    Raises:
+        ServiceUnavailableError: PostgreSQL (``initdb``) or the ``postgres`` user is missing.
+        ServiceError: when ``initdb`` fails.
+        TimeoutError: when the server does not answer ``SELECT 1`` within ``timeout_s`` seconds.
     """
     bindir = find_bindir()
     if bindir is None:
-        service_unavailable(f"PostgreSQL (`initdb`) was not found; {SETUP_HINT}.")
+        raise ServiceUnavailableError(f"PostgreSQL (`initdb`) was not found; {SETUP_HINT}.")
     run_as: str | None = None
     if os.geteuid() == 0:
         try:
             owner = pwd.getpwnam(SUPERUSER)
         except KeyError:
-            service_unavailable(f"There is no `{SUPERUSER}` user to run PostgreSQL; {SETUP_HINT}.")
+            raise ServiceUnavailableError(
+                f"There is no `{SUPERUSER}` user to run PostgreSQL; {SETUP_HINT}."
+            ) from None
         run_as = SUPERUSER
-    # Not under pytest's tmp dir: that one is 0700 root and postgres could not traverse it.
     workdir = Path(tempfile.mkdtemp(prefix="zw-postgres-"))
+    process: ServiceProcess | None = None
     try:
         if run_as is not None:
             os.chown(workdir, owner.pw_uid, owner.pw_gid)
@@ -106,14 +127,10 @@ def postgres_server() -> Iterator[PostgresServer]:
         initdb = subprocess.run(
             [
                 str(bindir / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                SUPERUSER,
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
+                "-D", str(data),
+                "-U", SUPERUSER,
+                "-A", "trust",
+                "-E", "UTF8",
                 "--locale=C.UTF-8",
                 "--no-sync",
             ],
@@ -124,57 +141,70 @@ def postgres_server() -> Iterator[PostgresServer]:
             capture_output=True,
             text=True,
             check=False,
-        )
+            timeout=timeout_s,
+        )  # fmt: skip
         if initdb.returncode != 0:
-            raise RuntimeError(
+            raise ServiceError(
                 f"initdb failed with exit status {initdb.returncode}; see its output:\n"
                 f"{initdb.stdout}\n{initdb.stderr}"
             )
         port = free_port()
+        argv = [
+            str(bindir / "postgres"),
+            "-D", str(data),
+            "-p", str(port),
+            "-c", "listen_addresses=127.0.0.1",
+            "-c", f"unix_socket_directories={workdir}",
+            "-c", "fsync=off",
+            "-c", "synchronous_commit=off",
+            "-c", "full_page_writes=off",
+            "-c", "max_connections=200",
+        ]  # fmt: skip
         process = ServiceProcess(
             "postgres",
-            [
-                str(bindir / "postgres"),
-                "-D",
-                str(data),
-                "-p",
-                str(port),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                f"unix_socket_directories={workdir}",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=200",
-            ],
+            argv,
             log_path=workdir / "server.log",
             cwd=workdir,
             user=run_as,
             # SIGINT is PostgreSQL's "fast" shutdown; SIGTERM would wait for clients to leave.
             stop_signal=signal.SIGINT,
-        ).start()
-        try:
-            server = PostgresServer(
-                url_template=f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{port}/{{database}}",
-                host="127.0.0.1",
-                port=port,
-            )
-            process.wait_until(
-                lambda: _select_one(server._conninfo("postgres")), START_TIMEOUT_S, "SELECT 1"
-            )
-            yield server
-        finally:
+        )
+        server = PostgresServer(
+            url_template=f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{port}/{{database}}",
+            host="127.0.0.1",
+            port=port,
+            process=process,
+            workdir=workdir,
+        )
+        process.start()
+        process.wait_until(
+            lambda: _select_one(server._conninfo("postgres")), timeout_s, "SELECT 1"
+        )
+    except BaseException:
+        if process is not None:
             process.stop(timeout_s=15.0)
-    finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return server
 
 
-@pytest.fixture
+@fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """Start one PostgreSQL cluster for the test session and remove it afterwards.
+
+    Fails in CI and skips elsewhere when PostgreSQL is not installed.
+    """
+    try:
+        server = start_postgres()
+    except ServiceUnavailableError as e:
+        service_unavailable(str(e))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@fixture()
 def postgres_url(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> str:
     """SQLAlchemy URL of a new, empty database created for this test alone."""
     slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40].strip("_")

@@ -1,8 +1,9 @@
-"""Start, wait for and stop the real service processes used by integration tests.
+"""Start, wait for and stop the real service processes used by integration tests and benches.
 
 Every service runs on a loopback port picked by :func:`free_port`, in its own process group,
 with its output in a log file whose tail goes into every error message. Nothing here runs at
-import time; the fixtures in the sibling modules call it lazily.
+import time, and nothing here needs pytest: the starters in the sibling modules are plain
+functions (``bench/`` uses them too), and only their fixtures touch pytest, lazily.
 """
 
 from __future__ import annotations
@@ -19,11 +20,20 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import NoReturn
-
-import pytest
+from typing import Any, NoReturn, TypeVar
 
 SETUP_HINT = "run `make test` or `scripts/setup.sh` to install it"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class ServiceError(RuntimeError):
+    """A service could not be started (its start-up command failed)."""
+
+
+class ServiceUnavailableError(ServiceError):
+    """A service is not installed here (missing binary or system user)."""
 
 
 def in_ci() -> bool:
@@ -32,40 +42,98 @@ def in_ci() -> bool:
 
 
 def service_unavailable(message: str) -> NoReturn:
-    """Fail the current test in CI, skip it elsewhere.
+    """Fail the current test in CI, skip it elsewhere (pytest only).
 
     Raises:
         pytest.fail.Exception: when :func:`in_ci` is true.
         pytest.skip.Exception: otherwise.
     """
+    import pytest
+
     if in_ci():
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
 
 
-def require_binary(name: str, extra_dirs: Iterable[str | Path] = ()) -> str:
-    """Return the absolute path of executable ``name``, or fail/skip the test.
+def fixture(*, scope: str = "function") -> Callable[[_F], _F]:
+    """``pytest.fixture(scope=scope)`` when pytest is importable, else the function unchanged.
+
+    Lets the service modules define their fixtures next to the plain starters while staying
+    importable without pytest (by ``bench/``).
+    """
+
+    def decorate(fn: _F) -> _F:
+        try:
+            import pytest
+        except ImportError:
+            return fn
+        wrapped: _F = pytest.fixture(scope=scope)(fn)  # type: ignore[call-overload]
+        return wrapped
+
+    return decorate
+
+
+def find_binary(name: str, extra_dirs: Iterable[str | Path] = ()) -> str | None:
+    """Return the absolute path of executable ``name``, or None when it is not installed.
 
     Searches ``PATH``, then the directory of the running interpreter (the virtualenv's
     ``bin``), then ``extra_dirs`` (globs are not expanded here).
+    """
+    search = [os.environ.get("PATH", ""), str(Path(sys.executable).parent)]
+    search.extend(str(d) for d in extra_dirs)
+    return shutil.which(name, path=os.pathsep.join(search))
+
+
+def require_binary(name: str, extra_dirs: Iterable[str | Path] = ()) -> str:
+    """:func:`find_binary`, but fail (CI) or skip the current test when it is missing.
 
     Raises:
         pytest.fail.Exception: in CI when the binary is missing.
         pytest.skip.Exception: outside CI when the binary is missing.
     """
-    search = [os.environ.get("PATH", ""), str(Path(sys.executable).parent)]
-    search.extend(str(d) for d in extra_dirs)
-    found = shutil.which(name, path=os.pathsep.join(search))
+    found = find_binary(name, extra_dirs)
     if found is None:
         service_unavailable(f"`{name}` was not found on PATH; {SETUP_HINT}.")
     return found
 
 
+def service_env(
+    env: Mapping[str, str] | None = None, *, drop_prefixes: Sequence[str] = ()
+) -> dict[str, str]:
+    """Return ``os.environ`` plus ``env``, with the repository root on ``PYTHONPATH``.
+
+    The root is needed so that ``-A tests.services.noop_app`` and the project import in the
+    child no matter where the parent was started. Variables of ``os.environ`` whose name
+    starts with one of ``drop_prefixes`` (e.g. ``"ZW_"``) are left out before ``env`` is
+    merged, so a child runs exactly the configuration the caller chose.
+    """
+    merged = {
+        k: v for k, v in os.environ.items() if not any(k.startswith(p) for p in drop_prefixes)
+    }
+    merged.update(env or {})
+    paths = [str(REPO_ROOT), *filter(None, merged.get("PYTHONPATH", "").split(os.pathsep))]
+    merged["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    merged.setdefault("PYTHONUNBUFFERED", "1")
+    return merged
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """Return ``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago.
+
+    All are held open together, so the kernel hands out distinct ones.
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def wait_until(

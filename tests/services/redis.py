@@ -1,13 +1,24 @@
-"""A real ``redis-server`` on a loopback port, for broker and result-backend tests."""
+"""A real ``redis-server`` on a loopback port, for broker and result-backend tests and benches."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytest
+from tests.services.process import (
+    SETUP_HINT,
+    ServiceProcess,
+    ServiceUnavailableError,
+    find_binary,
+    fixture,
+    free_port,
+    service_unavailable,
+)
 
-from tests.services.process import ServiceProcess, free_port, require_binary
+if TYPE_CHECKING:
+    import pytest
 
 START_TIMEOUT_S = 15.0
 
@@ -19,6 +30,7 @@ class RedisServer:
     url: str
     port: int
     host: str = "127.0.0.1"
+    process: ServiceProcess | None = field(default=None, repr=False, compare=False)
 
     def db_url(self, db: int) -> str:
         """Return the URL of logical database ``db`` (0-15) on this server."""
@@ -31,6 +43,11 @@ class RedisServer:
         with redis.Redis(host=self.host, port=self.port, socket_timeout=5) as client:
             client.flushall()
 
+    def stop(self) -> None:
+        """Stop the server process (when this object started one)."""
+        if self.process is not None:
+            self.process.stop()
+
 
 def _ping(host: str, port: int) -> bool:
     import redis
@@ -39,42 +56,53 @@ def _ping(host: str, port: int) -> bool:
         return bool(client.ping())
 
 
-@pytest.fixture(scope="session")
+def start_redis(workdir: Path, timeout_s: float = START_TIMEOUT_S) -> RedisServer:
+    """Start ``redis-server`` without persistence in ``workdir``; stop it with ``.stop()``.
+
+    Raises:
+        ServiceUnavailableError: when ``redis-server`` is not installed.
+        TimeoutError: when it does not answer PING within ``timeout_s`` seconds (with its log).
+    """
+    binary = find_binary("redis-server")
+    if binary is None:
+        raise ServiceUnavailableError(f"`redis-server` was not found on PATH; {SETUP_HINT}.")
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [
+        binary,
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", str(workdir),
+        "--save", "",
+        "--appendonly", "no",
+        "--daemonize", "no",
+    ]  # fmt: skip
+    process = ServiceProcess("redis-server", argv, log_path=workdir / "redis.log").start()
+    try:
+        process.wait_until(lambda: _ping("127.0.0.1", port), timeout_s, "redis PING")
+    except BaseException:
+        process.stop()
+        raise
+    return RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port, process=process)
+
+
+@fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """Start one redis-server for the test session (no persistence) and stop it afterwards.
 
     Fails in CI and skips elsewhere when ``redis-server`` is not installed.
     """
-    binary = require_binary("redis-server")
-    workdir = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    process = ServiceProcess(
-        "redis-server",
-        [
-            binary,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(workdir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-        ],
-        log_path=workdir / "redis.log",
-    ).start()
     try:
-        process.wait_until(lambda: _ping("127.0.0.1", port), START_TIMEOUT_S, "redis PING")
-        yield RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port)
+        server = start_redis(tmp_path_factory.mktemp("redis"))
+    except ServiceUnavailableError as e:
+        service_unavailable(str(e))
+    try:
+        yield server
     finally:
-        process.stop()
+        server.stop()
 
 
-@pytest.fixture
+@fixture()
 def redis_url(redis_server: RedisServer) -> str:
     """URL of database 0 on the session's redis-server, emptied (FLUSHALL) before the test."""
     redis_server.flushall()

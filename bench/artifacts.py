@@ -14,20 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import Result, progress
-from bench.services import REPO_ROOT, S3Service, service_env, start_seaweedfs
+from bench.services import REPO_ROOT, S3Server, service_env, start_seaweedfs
 
 __all__ = ["bench_s3"]
 
 MIB = 1024 * 1024
 
 
-def _child(s3: S3Service, variant: str, key: str, size_bytes: int) -> dict[str, Any]:
+def _child(s3: S3Server, bucket: str, variant: str, key: str, size_bytes: int) -> dict[str, Any]:
     env = service_env(
         {
             "BENCH_S3_ENDPOINT": s3.endpoint_url,
             "BENCH_S3_KEY": s3.access_key_id,
             "BENCH_S3_SECRET": s3.secret_access_key,
-            "BENCH_S3_BUCKET": s3.bucket,
+            "BENCH_S3_BUCKET": bucket,
         }
     )
     done = subprocess.run(
@@ -55,10 +55,11 @@ def bench_s3(workdir: Path, size_bytes: int) -> list[Result]:
     """Write and read ``size_bytes`` of numpy data with our store and with raw boto3."""
     s3 = start_seaweedfs(workdir / "seaweedfs")
     try:
+        bucket = s3.make_bucket("zw-bench")
         progress(f"SeaweedFS up at {s3.endpoint_url}; moving {size_bytes / MIB:.0f} MiB each way")
         runs = {
             variant: _child(
-                s3, variant, "ours" if variant.startswith("ours") else "raw", size_bytes
+                s3, bucket, variant, "ours" if variant.startswith("ours") else "raw", size_bytes
             )
             for variant in ("ours-write", "raw-write", "ours-read", "raw-read")
         }

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.embedded import Seeds, run_timed
 from bench.report import Result, median, progress
-from bench.services import Process, start_celery_worker, start_redis
+from bench.services import start_celery_worker, start_redis
 
 __all__ = [
     "Cluster",
@@ -64,11 +64,12 @@ def cluster(
     from bench.noop_app import NOOP_QUEUE, make_app
     from zenml_workers.settings import load_settings
 
-    processes: list[Process] = []
+    stops: list[Callable[[], object]] = []  # what to stop on exit, in start order
     noop = None
     try:
-        redis_proc, broker_url = start_redis(workdir / "redis")
-        processes.append(redis_proc)
+        redis = start_redis(workdir / "redis")
+        stops.append(redis.stop)
+        broker_url = redis.url
         home, artifacts = workdir / "home", workdir / "artifacts"
         home.mkdir(parents=True, exist_ok=True)
         env = {
@@ -93,7 +94,7 @@ def cluster(
         store.migrate()
         store.dispose()
         started = time.perf_counter()
-        processes.append(
+        stops.append(
             start_celery_worker(
                 worker_app,
                 ["cpu"],
@@ -102,9 +103,9 @@ def cluster(
                 "bench-zw@localhost",
                 broker_url,
                 workdir,
-            )
+            ).stop
         )
-        processes.append(
+        stops.append(
             start_celery_worker(
                 "bench.noop_app",
                 [NOOP_QUEUE],
@@ -113,7 +114,7 @@ def cluster(
                 "bench-noop@localhost",
                 broker_url,
                 workdir,
-            )
+            ).stop
         )
         progress(
             f"cluster up: redis, {metadata_kind}, 2 workers x {WORKER_CONCURRENCY} processes "
@@ -128,8 +129,8 @@ def cluster(
             close_stacks()
         if noop is not None:
             noop.close()
-        for proc in reversed(processes):
-            proc.stop()
+        for stop in reversed(stops):
+            stop()
 
 
 def bench_raw_roundtrip(c: Cluster, calls: int = 200) -> Result:

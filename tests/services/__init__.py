@@ -1,5 +1,7 @@
-"""Real service processes (Redis, PostgreSQL, Celery workers, Flower) for integration tests.
+"""Real service processes (Redis, PostgreSQL, SeaweedFS, Celery workers, Flower).
 
-Fixtures start a service only when a test asks for it, so ``pytest tests/unit`` needs none.
-In CI (``CI=true``) a missing service fails the test; elsewhere it is skipped.
+Each module has a plain ``start_*`` function (no pytest needed; ``bench/`` uses them) and
+thin pytest fixtures around it. Fixtures start a service only when a test asks for it, so
+``pytest tests/unit`` needs none. In CI (``CI=true``) a missing service fails the test;
+elsewhere it is skipped.
 """

@@ -10,10 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.services.celery import REPO_ROOT, service_env
-from tests.services.process import ServiceProcess, free_port
+from tests.services.process import REPO_ROOT, ServiceProcess, fixture, free_port, service_env
 
 START_TIMEOUT_S = 60.0
 DEFAULT_APP = "zenml_workers.worker"
@@ -103,7 +100,7 @@ def start_flower_process(
     return FlowerServer(url=url, port=port, process=process)
 
 
-@pytest.fixture
+@fixture()
 def start_flower(tmp_path: Path) -> Iterator[Callable[..., FlowerServer]]:
     """Factory ``start_flower(broker_url, app_module="zenml_workers.worker") -> FlowerServer``.
 

@@ -27,7 +27,7 @@ from tests.services.process import (
     ServiceUnavailableError,
     fixture,
     free_port,
-    service_unavailable,
+    serve,
 )
 
 if TYPE_CHECKING:
@@ -177,9 +177,7 @@ def start_postgres(timeout_s: float = START_TIMEOUT_S) -> PostgresServer:
             workdir=workdir,
         )
         process.start()
-        process.wait_until(
-            lambda: _select_one(server._conninfo("postgres")), timeout_s, "SELECT 1"
-        )
+        process.wait_until(lambda: _select_one(server._conninfo("postgres")), timeout_s, "SELECT 1")
     except BaseException:
         if process is not None:
             process.stop(timeout_s=15.0)
@@ -194,14 +192,7 @@ def postgres_server() -> Iterator[PostgresServer]:
 
     Fails in CI and skips elsewhere when PostgreSQL is not installed.
     """
-    try:
-        server = start_postgres()
-    except ServiceUnavailableError as e:
-        service_unavailable(str(e))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(start_postgres)
 
 
 @fixture()

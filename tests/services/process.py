@@ -17,15 +17,24 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 SETUP_HINT = "run `make test` or `scripts/setup.sh` to install it"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class Stoppable(Protocol):
+    """A started service: ``stop()`` ends it."""
+
+    def stop(self) -> object: ...
+
+
+_S = TypeVar("_S", bound=Stoppable)
 
 
 class ServiceError(RuntimeError):
@@ -71,6 +80,22 @@ def fixture(*, scope: str = "function") -> Callable[[_F], _F]:
         return wrapped
 
     return decorate
+
+
+def serve(start: Callable[[], _S]) -> Iterator[_S]:
+    """Body of a service fixture: ``yield from serve(lambda: start_x(...))``.
+
+    Starts the service, yields it and stops it at teardown. When it is not installed
+    (:class:`ServiceUnavailableError`) the test fails in CI and is skipped elsewhere.
+    """
+    try:
+        service = start()
+    except ServiceUnavailableError as e:
+        service_unavailable(str(e))
+    try:
+        yield service
+    finally:
+        service.stop()
 
 
 def find_binary(name: str, extra_dirs: Iterable[str | Path] = ()) -> str | None:

@@ -14,7 +14,7 @@ from tests.services.process import (
     find_binary,
     fixture,
     free_port,
-    service_unavailable,
+    serve,
 )
 
 if TYPE_CHECKING:
@@ -92,14 +92,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
     Fails in CI and skips elsewhere when ``redis-server`` is not installed.
     """
-    try:
-        server = start_redis(tmp_path_factory.mktemp("redis"))
-    except ServiceUnavailableError as e:
-        service_unavailable(str(e))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(lambda: start_redis(tmp_path_factory.mktemp("redis")))
 
 
 @fixture()

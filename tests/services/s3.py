@@ -25,7 +25,7 @@ from tests.services.process import (
     find_binary,
     fixture,
     free_ports,
-    service_unavailable,
+    serve,
 )
 
 if TYPE_CHECKING:
@@ -105,7 +105,6 @@ class S3Server:
         bucket = name or f"zw-test-{uuid.uuid4().hex[:16]}"
         self.client().create_bucket(Bucket=bucket)
         return bucket
-
 
     def stop(self) -> None:
         """Kill the server's process group and remove the sockets it leaves in /tmp."""
@@ -234,12 +233,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A SeaweedFS S3 server for the whole session; fails in CI when ``weed`` is missing."""
     workdir = tmp_path_factory.mktemp("seaweedfs")
     try:
-        server = start_seaweedfs(workdir)
-    except ServiceUnavailableError as e:
-        service_unavailable(str(e))
-    try:
-        yield server
+        yield from serve(lambda: start_seaweedfs(workdir))
     finally:
-        server.stop()
         for data in workdir.glob("data-*"):
             shutil.rmtree(data, ignore_errors=True)

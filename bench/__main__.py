@@ -213,6 +213,28 @@ def _cluster(lab: Lab, selected: list[str], quick: bool) -> None:
                 "fanout",
                 lambda: bench_cluster_fanout(c, seeds, raw[0].value, repeats=1 if quick else 2),
             )
+    if "cluster-chain" in selected and kind != "sqlite":
+        # The same chain with the metadata store in a SQLite file on the workers' host: it
+        # shows how much of the per-step overhead is PostgreSQL round trips.
+        sqlite_url = f"sqlite:///{lab.workdir / 'cluster-sqlite.db'}"
+        with cluster(lab.workdir / "cluster-sqlite", sqlite_url, "sqlite") as c:
+            rtt_lite = lab.run(
+                "raw.roundtrip.sqlite-cluster",
+                lambda: bench_raw_roundtrip(
+                    c, calls=100 if quick else 200, name="cluster.raw_roundtrip_sqlite_cluster"
+                ),
+            )
+            if rtt_lite:
+                lab.run(
+                    "cluster-chain-sqlite",
+                    lambda: bench_cluster_chain(
+                        c,
+                        seeds,
+                        rtt_lite[0].value,
+                        repeats=5 if quick else 10,
+                        name="cluster.chain10_per_step_sqlite",
+                    ),
+                )
     if "profile" in selected:
         from bench.profile import bench_profile
 

@@ -133,7 +133,9 @@ def cluster(
             stop()
 
 
-def bench_raw_roundtrip(c: Cluster, calls: int = 200) -> Result:
+def bench_raw_roundtrip(
+    c: Cluster, calls: int = 200, name: str = "cluster.raw_roundtrip"
+) -> Result:
     """Benchmark 6a: median ``apply_async().get()`` latency of the raw no-op task."""
     from bench.noop_app import NOOP_TASK
 
@@ -149,7 +151,7 @@ def bench_raw_roundtrip(c: Cluster, calls: int = 200) -> Result:
     ordered = sorted(samples)
     progress(f"raw celery no-op round trip: median {rtt * 1000:.2f} ms over {calls} calls")
     return Result(
-        name="cluster.raw_roundtrip",
+        name=name,
         description=(
             f"raw Celery no-op task on the same Redis (broker and result backend), 2 prefork processes: "
             f"median apply_async().get() latency over {calls} sequential calls"
@@ -217,7 +219,13 @@ def _timeline(settings: Any, run_id: str) -> dict[str, float]:
     }
 
 
-def bench_cluster_chain(c: Cluster, seeds: Seeds, rtt_s: float, repeats: int = 10) -> Result:
+def bench_cluster_chain(
+    c: Cluster,
+    seeds: Seeds,
+    rtt_s: float,
+    repeats: int = 10,
+    name: str = "cluster.chain10_per_step",
+) -> Result:
     """Benchmark 7: per-step overhead of a 10-step chain on the cluster, in raw round trips."""
     from bench.pipelines import CHAIN_LENGTH, chain
 
@@ -231,12 +239,12 @@ def bench_cluster_chain(c: Cluster, seeds: Seeds, rtt_s: float, repeats: int = 1
     per_step = wall / CHAIN_LENGTH
     breakdown = {k: median([t[k] for t in timelines]) for k in timelines[0]}
     progress(
-        f"cluster 10-step chain: median {wall * 1000:.0f} ms, {per_step * 1000:.1f} ms/step = "
+        f"cluster 10-step chain ({c.metadata_kind}): median {wall * 1000:.0f} ms, {per_step * 1000:.1f} ms/step = "
         f"{per_step / rtt_s:.1f}x raw round trip (handoff {breakdown['handoff_median_s'] * 1000:.1f} ms, "
         f"in-step {breakdown['in_step_median_s'] * 1000:.1f} ms)"
     )
     return Result(
-        name="cluster.chain10_per_step",
+        name=name,
         description=(
             f"{CHAIN_LENGTH}-step chain of trivial steps on the cluster (Redis, {c.metadata_kind}, local-folder "
             f"artifacts, 1 worker x {WORKER_CONCURRENCY} processes): median wall / {CHAIN_LENGTH} over {repeats} "

@@ -41,7 +41,11 @@ def cli(ctx: click.Context, stack_file: str | None) -> None:
     "--queues", "-Q", default="cpu", show_default=True, help="Comma-separated queues to consume."
 )
 @click.option(
-    "--concurrency", "-c", type=int, default=None, help="Worker processes (gpu: 1 per GPU)."
+    "--concurrency",
+    "-c",
+    type=int,
+    default=None,
+    help="Worker processes (gpu: one solo worker per GPU, each with its own CUDA_VISIBLE_DEVICES).",
 )
 @click.option("--pool", "-P", default=None, help="Celery pool (default: prefork; solo for gpu).")
 @click.option("--hostname", "-n", default=None, help="Worker node name (default: celery's).")
@@ -77,6 +81,10 @@ def worker(
         from zenml_workers.worker.tasks import check_gpu
 
         check_gpu()
+    if gpu and (pool or "solo") == "solo" and concurrency and concurrency > 1:
+        # One solo worker process per GPU, each seeing only its own device.
+        _supervise_gpu_workers(ctx, queues, concurrency, hostname, loglevel)
+        return
     from zenml_workers.worker.celery_app import create_app
 
     app = create_app(settings)
@@ -102,6 +110,37 @@ def worker(
     if hostname:
         argv += ["-n", hostname]
     app.worker_main(argv)
+
+
+def _supervise_gpu_workers(
+    ctx: click.Context, queues: str, count: int, hostname: str | None, loglevel: str
+) -> None:
+    """Run ``count`` single-GPU workers (``CUDA_VISIBLE_DEVICES=i``) until they all stop."""
+    import signal
+    import socket
+    import subprocess
+
+    machine = socket.gethostname()
+    name, _, host = (hostname or f"gpu@{machine}").replace("%h", machine).partition("@")
+    procs = []
+    for i in range(count):
+        argv = [sys.executable, "-m", "zenml_workers.cli"]
+        if ctx.obj.get("stack_file"):
+            argv += ["--stack-file", ctx.obj["stack_file"]]
+        argv += ["worker", "--queues", queues, "--concurrency", "1", "--pool", "solo"]
+        argv += ["--hostname", f"{name}{i}@{host or machine}", "--loglevel", loglevel]
+        procs.append(subprocess.Popen(argv, env=dict(os.environ, CUDA_VISIBLE_DEVICES=str(i))))
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        sys.exit(max(codes))
 
 
 @cli.command()

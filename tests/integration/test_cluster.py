@@ -360,3 +360,47 @@ def test_cluster_cli_prints_step_logs_and_runs(cluster: Cluster) -> None:
     assert f"making {run.config['parameters']['x']}" in logs.stdout
     assert shown.returncode == 0, shown.stderr
     assert "gpu@zwtest" in shown.stdout and "completed" in shown.stdout
+
+
+def test_cluster_gpu_worker_runs_one_solo_process_per_gpu(cluster: Cluster, tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from stores.metadata.models import WorkerRow
+
+    supervisor = ServiceProcess(
+        "zw worker gpu x2",
+        [
+            sys.executable,
+            "-m",
+            "zenml_workers.cli",
+            "worker",
+            "--queues",
+            "gpu",
+            "--concurrency",
+            "2",
+            "--skip-gpu-check",
+            "--hostname",
+            "gpux@zwtest",
+        ],
+        log_path=tmp_path / "gpu-workers.log",
+        env=service_env(cluster.env),
+        cwd=REPO_ROOT,
+    ).start()
+    metadata = Client(cluster.settings)._stack.metadata
+
+    def registered() -> set[str]:
+        with metadata.read() as s:
+            rows = s.execute(
+                select(WorkerRow.name, WorkerRow.queues).where(WorkerRow.stopped.is_(False))
+            )
+            return {name for name, queues in rows if name.startswith("gpux") and queues == ["gpu"]}
+
+    try:
+        wait_until(
+            lambda: registered() == {"gpux0@zwtest", "gpux1@zwtest"},
+            60,
+            "both GPU workers to register",
+        )
+    finally:
+        supervisor.stop(timeout_s=30)
+    assert registered() == set()  # both children shut down and said so

@@ -39,6 +39,8 @@ class QueuedStep:
     queue: str
     task_id: str
     step_name: str
+    #: The step's ``timeout_s``: the broker's workers stop it after that long.
+    timeout_s: float | None = None
 
 
 class SpecCache:
@@ -96,6 +98,7 @@ def plan_run(
     a fully cached run costs a handful of statements however deep it is.
     """
     now = time.time() if now is None else now
+    SPECS.put(run_id, spec)
     pipeline_id = q.ensure_pipeline(s, spec.name, now)
     q.put_code_blobs(s, code_blobs, now)
     by_id, downstream = spec.by_id(), spec.downstream()
@@ -197,7 +200,6 @@ def plan_run(
         steps=list(rows.values()),
     )
     q.add_lineage(s, edges)
-    SPECS.put(run_id, spec)
     return queued
 
 
@@ -344,7 +346,15 @@ def _queued_step(row: Any, pipeline: str, inputs: list[dict[str, str]] | None = 
         pipeline=pipeline,
         inputs=inputs,
     )
-    return QueuedStep(task=task, queue=row.queue, task_id=row.task_id, step_name=row.step_name)
+    entry = SPECS.cached(row.run_id)
+    step = entry[1].get(row.invocation_id) if entry else None
+    return QueuedStep(
+        task=task,
+        queue=row.queue,
+        task_id=row.task_id,
+        step_name=row.step_name,
+        timeout_s=step.timeout_s if step else None,
+    )
 
 
 def finish_run_if_done(s: Session, run_id: str, *, now: float) -> bool:

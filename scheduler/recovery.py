@@ -39,7 +39,7 @@ def recover(s: Session, *, now: float, policy: RecoveryPolicy) -> list[QueuedSte
 
     def pipeline_of(run_id: str) -> str:
         if run_id not in pipelines:
-            pipelines[run_id] = q.get_run(s, run_id).pipeline_name
+            pipelines[run_id] = dispatch.SPECS.get(s, run_id)[0].name
         return pipelines[run_id]
 
     for row in q.expired_leases(s, now):

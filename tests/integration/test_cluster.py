@@ -404,3 +404,12 @@ def test_cluster_gpu_worker_runs_one_solo_process_per_gpu(cluster: Cluster, tmp_
     finally:
         supervisor.stop(timeout_s=30)
     assert registered() == set()  # both children shut down and said so
+
+
+def test_cluster_step_over_its_timeout_fails_with_a_time_limit(cluster: Cluster) -> None:
+    handle = submit(pl.too_slow, settings=cluster.settings)
+    with pytest.raises(StepFailedError, match="SoftTimeLimitExceeded") as info:
+        handle.wait(timeout_s=60)
+
+    assert info.value.step == "overrun"
+    assert Client(cluster.settings).get_run(handle.id).steps["overrun"].status == "failed"

@@ -102,3 +102,14 @@ def wide(seed: int = 0, width: int = 200):
 @pipeline(enable_cache=False)
 def small(x: int = 0):
     add_one(add_one(make(x=x)))
+
+
+@step(enable_cache=False, timeout_s=1)
+def overrun(seconds: float = 60.0) -> int:
+    time.sleep(seconds)
+    return 1
+
+
+@pipeline(enable_cache=False)
+def too_slow():
+    overrun()

@@ -52,6 +52,9 @@ def create_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": int(settings.visibility_timeout_s)},
+        # No step may outlive the visibility timeout (Redis would deliver it again). A global
+        # limit also switches on the pool's time-limit handling that steps' timeout_s needs.
+        task_time_limit=int(settings.visibility_timeout_s),
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     app.conf.zw_settings = settings
@@ -67,6 +70,11 @@ def send_steps(app: Celery, queued: Sequence[QueuedStep]) -> None:
         return
     with app.producer_or_acquire() as producer:
         for q in queued:
+            limits = {}
+            if q.timeout_s:
+                # The step gets SoftTimeLimitExceeded (recorded as its failure, retried if it
+                # has retries); a step that ignores it is killed a little later.
+                limits = {"soft_time_limit": q.timeout_s, "time_limit": q.timeout_s + 30}
             app.send_task(
                 STEP_TASK,
                 kwargs={"task": q.task.encode()},
@@ -75,6 +83,7 @@ def send_steps(app: Celery, queued: Sequence[QueuedStep]) -> None:
                 task_id=q.task_id,
                 shadow=f"{q.task.pipeline}.{q.task.invocation_id}",
                 producer=producer,
+                **limits,
             )
 
 

@@ -34,5 +34,15 @@ class Orchestrator(ABC):
     def revoke(self, queued: Sequence[str], running: Sequence[str]) -> None:
         """Stop queued and running attempts (by task id) of a cancelled run (best effort)."""
 
+    def idle(self, run_id: str) -> bool:
+        """True when this orchestrator knows none of the run's steps is still in flight."""
+        return False
+
+    def settle_idle(self, run_id: str) -> None:  # noqa: B027 - optional hook
+        """Close a run that is idle here but still open in SQL (its last tasks were dropped)."""
+
+    def forget(self, run_id: str) -> None:  # noqa: B027 - optional hook
+        """Drop what this orchestrator holds for a run that ended."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release processes and connections."""

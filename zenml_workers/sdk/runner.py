@@ -219,8 +219,8 @@ class RunHandle:
                     next_read = now + 0.5
                     if self.status != "running":
                         break
-                    if hint and getattr(orch, "idle", lambda _: False)(self.id):
-                        orch.settle_idle(self.id)  # type: ignore[attr-defined]
+                    if hint and orch.idle(self.id):
+                        orch.settle_idle(self.id)
                         if self.status != "running":
                             break
                     if show:
@@ -245,9 +245,7 @@ class RunHandle:
                 reporter.update(*self.progress())
         finally:
             reporter.close()
-        forget = getattr(orch, "forget", None)
-        if forget is not None:
-            forget(self.id)
+        orch.forget(self.id)
         run = Client(settings=self._stack.settings).get_run(self.id)
         if raise_on_failure:
             _raise_for(run)

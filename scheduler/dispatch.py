@@ -328,7 +328,9 @@ def fill_window(
     carries them, so its worker need not read them back.
     """
     out = []
-    for row in q.queue_ready(s, run_id, window, now):
+    entry = SPECS.cached(run_id)
+    run_steps = len(entry[0].steps) if entry else None
+    for row in q.queue_ready(s, run_id, window, now, run_steps=run_steps):
         inputs = None
         if by_id is not None and produced is not None:
             refs = [(r.step, r.output) for i in by_id[row.invocation_id].inputs for r in i.refs]

@@ -240,11 +240,19 @@ def transition(
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
-def queue_ready(s: Session, run_id: str, window: int, now: float) -> list[Row[Any]]:
+def queue_ready(
+    s: Session, run_id: str, window: int, now: float, *, run_steps: int | None = None
+) -> list[Row[Any]]:
     """Queue ready steps of a run, lowest position first, until ``window`` of its steps are on the
-    broker or running; returns them with their task ids."""
+    broker or running; returns them with their task ids.
+
+    ``run_steps`` (the run's size) lets a run that cannot fill the window skip counting.
+    """
     c = s.connection()
-    free = window - c.execute(sql.IN_FLIGHT, {"run_id": run_id}).scalar_one()
+    in_flight = 0
+    if run_steps is None or run_steps > window:
+        in_flight = c.execute(sql.IN_FLIGHT, {"run_id": run_id}).scalar_one()
+    free = window - in_flight
     if free <= 0:
         return []
     return list(c.execute(sql.QUEUE_READY, {"q_run_id": run_id, "q_limit": free, "q_now": now}))

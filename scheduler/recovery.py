@@ -82,7 +82,7 @@ def recover(s: Session, *, now: float, policy: RecoveryPolicy) -> list[QueuedSte
                 now=now,
             )
     for row in q.stale_queued(s, now - policy.requeue_queued_after_s):
-        q.transition(s, row.id, StepStatus.QUEUED, StepStatus.QUEUED, queued_at=now)
+        q.touch_queued(s, row.id, now)
         log.warning(
             "run %s step %s: queued but unclaimed since %.0fs, sent again",
             row.run_id,

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from stores.metadata.store import redact_url
 from zenml_workers.errors import ConfigurationError
 
 
@@ -89,18 +90,10 @@ class Settings(BaseSettings):
         return {
             "stack": self.stack_name,
             "orchestrator": "local" if self.is_embedded else "celery",
-            "metadata_url": _redact(self.resolved_metadata_url()),
+            "metadata_url": redact_url(self.resolved_metadata_url()),
             "artifact_uri": self.resolved_artifact_uri(),
-            "broker_url": _redact(self.broker_url) if self.broker_url else None,
+            "broker_url": redact_url(self.broker_url) if self.broker_url else None,
         }
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
 
 
 def load_settings(stack_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:

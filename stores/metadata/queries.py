@@ -175,10 +175,6 @@ def lock_run(s: Session, run_id: str) -> None:
     s.connection().execute(sql.LOCK_RUN, {"run_id": run_id})
 
 
-def run_status(s: Session, run_id: str) -> str:
-    return s.connection().execute(sql.RUN_STATUS, {"run_id": run_id}).scalar_one()
-
-
 def set_run_message(s: Session, run_id: str, message: str) -> None:
     s.execute(update(RunRow).where(RunRow.id == run_id).values(message=message))
 
@@ -230,8 +226,15 @@ def transition(
     new: StepStatus,
     **values: Any,
 ) -> bool:
-    """Guarded status change; True when this caller made it."""
+    """Guarded status change; True when this caller made it.
+
+    Raises:
+        ValueError: the state table does not allow ``expected -> new`` (a programming error).
+    """
     exp = [expected] if isinstance(expected, StepStatus) else list(expected)
+    bad = [e for e in exp if not e.can_become(new)]
+    if bad:
+        raise ValueError(f"step status {bad[0].value} cannot become {new.value}")
     res = s.execute(
         update(StepRunRow)
         .where(StepRunRow.id == step_run_id, StepRunRow.status.in_([e.value for e in exp]))
@@ -351,6 +354,15 @@ def expired_leases(s: Session, now: float) -> list[StepRunRow]:
                 StepRunRow.status == StepStatus.RUNNING.value, StepRunRow.lease_expires_at < now
             )
         ).scalars()
+    )
+
+
+def touch_queued(s: Session, step_run_id: str, now: float) -> None:
+    """Restart the clock of a queued step that is being sent again."""
+    s.execute(
+        update(StepRunRow)
+        .where(StepRunRow.id == step_run_id, StepRunRow.status == StepStatus.QUEUED.value)
+        .values(queued_at=now)
     )
 
 

@@ -88,7 +88,6 @@ QUEUE_READY = (
 UNFINISHED = select(func.count()).where(
     STEPS.c.run_id == bindparam("run_id"), STEPS.c.status.not_in(TERMINAL)
 )
-RUN_STATUS = select(RUNS.c.status).where(RUNS.c.id == bindparam("run_id"))
 LOCK_RUN = select(RUNS.c.id).where(RUNS.c.id == bindparam("run_id")).with_for_update()
 OUTPUTS = (
     select(STEPS.c.invocation_id.label("_inv"), LINEAGE.c.name.label("_out"), ARTIFACTS)

@@ -37,9 +37,6 @@ class StepStatus(StrEnum):
     def is_terminal(self) -> bool:
         return self in _TERMINAL_STEP
 
-    def is_success(self) -> bool:
-        return self in (StepStatus.COMPLETED, StepStatus.CACHED)
-
     def can_become(self, other: StepStatus) -> bool:
         return other in STEP_TRANSITIONS[self]
 

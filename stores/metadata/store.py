@@ -30,12 +30,8 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 HEAD_REVISION = "0001_initial"
 
 
-def default_sqlite_url(home: str | os.PathLike[str]) -> str:
-    """SQLite URL of the embedded default store under ``home``."""
-    return f"sqlite:///{Path(home).expanduser().resolve() / 'metadata.db'}"
-
-
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs and messages."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
@@ -138,7 +134,7 @@ class MetadataStore:
                 _ping_when_idle(engine, idle_s=10.0)
         except (ArgumentError, NoSuchModuleError, ModuleNotFoundError) as e:
             raise MetadataStoreError(
-                f"cannot use metadata store URL {_redact(self.url)!r} ({e}); set ZW_METADATA_URL to "
+                f"cannot use metadata store URL {redact_url(self.url)!r} ({e}); set ZW_METADATA_URL to "
                 "'sqlite:///path/metadata.db' or 'postgresql+psycopg://user:pass@host/db' "
                 "(PostgreSQL needs: pip install 'zenml-workers[postgres]')"
             ) from e
@@ -209,12 +205,14 @@ class MetadataStore:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
         log.info(
-            "migrated metadata store %s in %.3fs", _redact(self.url), time.perf_counter() - started
+            "migrated metadata store %s in %.3fs",
+            redact_url(self.url),
+            time.perf_counter() - started,
         )
 
     def _unreachable(self, e: Exception) -> MetadataStoreError:
         return MetadataStoreError(
-            f"cannot reach the metadata store at {_redact(self.url)} ({type(e).__name__}: "
+            f"cannot reach the metadata store at {redact_url(self.url)} ({type(e).__name__}: "
             f"{str(e).splitlines()[0]}); check ZW_METADATA_URL and that the database is running"
         )
 

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from scheduler import cache
 from stores.metadata import queries as q
 from stores.metadata.models import RunRow
-from stores.metadata.states import RunStatus, StepStatus
+from stores.metadata.states import UNSTARTED, RunStatus, StepStatus
 from zenml_workers.specs import PipelineSpec, StepSpec, StepTask
 
 DEFAULT_WINDOW = 64
@@ -98,7 +98,6 @@ def plan_run(
     a fully cached run costs a handful of statements however deep it is.
     """
     now = time.time() if now is None else now
-    SPECS.put(run_id, spec)
     pipeline_id = q.ensure_pipeline(s, spec.name, now)
     q.put_code_blobs(s, code_blobs, now)
     by_id, downstream = spec.by_id(), spec.downstream()
@@ -134,31 +133,19 @@ def plan_run(
     edges: list[dict[str, Any]] = []
     wave = [st.invocation_id for st in spec.steps if not st.upstream]
     while wave:
-        keyed = {inv: _key(by_id[inv], produced) for inv in wave}
-        hits = q.cache_hits(s, {k for inv, (k, _) in keyed.items() if by_id[inv].enable_cache})
         next_wave = []
-        for inv in wave:
-            row, (key, ingr) = rows[inv], keyed[inv]
-            row.update(cache_key=key, cache_ingredients=ingr, status=StepStatus.READY.value)
-            hit = hits.get(key) if by_id[inv].enable_cache else None
-            if hit is None or set(hit.outputs) != set(by_id[inv].output_names()):
+        for d in _decide(s, wave, by_id, produced):
+            row = rows[d.invocation_id]
+            row.update(_cache_columns(d, now))
+            if d.hit is None:
                 continue
-            row.update(
-                status=StepStatus.CACHED.value,
-                cached_from_run_id=hit.run_id,
-                cached_from_step_run_id=hit.step_run_id,
-                started_at=now,
-                ended_at=now,
-            )
-            for name, art in hit.outputs.items():
-                produced[(inv, name)] = art
-                edges.append(_edge(row["id"], run_id, q.OUTPUT, name, 0, art.id))
-            edges.extend(input_edges(by_id[inv], row["id"], run_id, produced))
-            for d in downstream[inv]:
-                rows[d]["deps_left"] -= 1
-                if rows[d]["deps_left"] == 0:
-                    next_wave.append(d)
+            edges += _link_hit(by_id[d.invocation_id], row["id"], run_id, d.hit, produced)
+            for down in downstream[d.invocation_id]:
+                rows[down]["deps_left"] -= 1
+                if rows[down]["deps_left"] == 0:
+                    next_wave.append(down)
         wave = next_wave
+    SPECS.put(run_id, spec)
     queued: list[QueuedStep] = []
     for row in rows.values():
         if row["status"] == StepStatus.READY.value and len(queued) < window:
@@ -166,7 +153,8 @@ def plan_run(
                 status=StepStatus.QUEUED.value, task_id=q.task_id(row["id"], 1), queued_at=now
             )
             queued.append(
-                _queued_step(
+                queued_step(
+                    s,
                     q.QueuedRow(
                         row["id"],
                         run_id,
@@ -175,7 +163,6 @@ def plan_run(
                         row["queue"],
                         row["task_id"],
                     ),
-                    spec.name,
                 )
             )
     finished = all(StepStatus(r["status"]).is_terminal() for r in rows.values())
@@ -211,9 +198,69 @@ def _key(step: StepSpec, produced: dict[tuple[str, str], Any]) -> tuple[str, dic
     return cache.cache_key(ingr), ingr
 
 
-def _edge(
+@dataclass(frozen=True)
+class _CacheDecision:
+    """A just-unblocked step's cache key, its ingredients and the usable hit, if any."""
+
+    invocation_id: str
+    cache_key: str
+    ingredients: dict[str, Any]
+    hit: q.CacheHit | None
+
+
+def _decide(
+    s: Session,
+    wave: Sequence[str],
+    by_id: dict[str, StepSpec],
+    produced: dict[tuple[str, str], Any],
+) -> list[_CacheDecision]:
+    """Cache keys of a wave of steps whose inputs are all in ``produced``, and their hits (one query)."""
+    keyed = {inv: _key(by_id[inv], produced) for inv in wave}
+    hits = q.cache_hits(s, {k for inv, (k, _) in keyed.items() if by_id[inv].enable_cache})
+    out = []
+    for inv in wave:
+        step, (key, ingr) = by_id[inv], keyed[inv]
+        hit = hits.get(key) if step.enable_cache else None
+        if hit is not None and set(hit.outputs) != set(step.output_names()):
+            hit = None  # the earlier run recorded other outputs: not reusable
+        out.append(_CacheDecision(inv, key, ingr, hit))
+    return out
+
+
+def _cache_columns(d: _CacheDecision, now: float) -> dict[str, Any]:
+    """The step-run columns a cache decision sets: ``cached`` with its origin, or ``ready``."""
+    hit = d.hit
+    return {
+        "status": (StepStatus.CACHED if hit else StepStatus.READY).value,
+        "cache_key": d.cache_key,
+        "cache_ingredients": d.ingredients,
+        "cached_from_run_id": hit.run_id if hit else None,
+        "cached_from_step_run_id": hit.step_run_id if hit else None,
+        "started_at": now if hit else None,
+        "ended_at": now if hit else None,
+    }
+
+
+def _link_hit(
+    step: StepSpec,
+    step_run_id: str,
+    run_id: str,
+    hit: q.CacheHit,
+    produced: dict[tuple[str, str], Any],
+) -> list[dict[str, Any]]:
+    """Lineage of a cache hit: the original artifacts as outputs (no copies), plus its inputs.
+    Records the outputs in ``produced`` for the steps downstream."""
+    edges = []
+    for name, art in hit.outputs.items():
+        produced[(step.invocation_id, name)] = art
+        edges.append(lineage_edge(step_run_id, run_id, q.OUTPUT, name, 0, art.id))
+    return edges + input_edges(step, step_run_id, run_id, produced)
+
+
+def lineage_edge(
     step_run_id: str, run_id: str, direction: str, name: str, position: int, artifact_id: str
 ) -> dict[str, Any]:
+    """A lineage row: ``step_run_id`` consumed (``input``) or produced (``output``) an artifact."""
     return {
         "step_run_id": step_run_id,
         "direction": direction,
@@ -229,7 +276,7 @@ def input_edges(
 ) -> list[dict[str, Any]]:
     """Lineage rows recording which artifacts a step run consumed."""
     return [
-        _edge(step_run_id, run_id, q.INPUT, i.name, pos, produced[(ref.step, ref.output)].id)
+        lineage_edge(step_run_id, run_id, q.INPUT, i.name, pos, produced[(ref.step, ref.output)].id)
         for i in step.inputs
         for pos, ref in enumerate(i.refs)
     ]
@@ -267,46 +314,22 @@ def _resolve(
         }
         if missing:
             produced.update(q.output_artifacts(s, run_id, missing))
-        keyed = {w.invocation_id: _key(by_id[w.invocation_id], produced) for w in wave}
-        hits = q.cache_hits(s, {k for inv, (k, _) in keyed.items() if by_id[inv].enable_cache})
+        ids = {w.invocation_id: w.id for w in wave}
         settled: list[dict[str, Any]] = []
         edges: list[dict[str, Any]] = []
         cached: list[str] = []
-        for w in wave:
-            inv, step = w.invocation_id, by_id[w.invocation_id]
-            key, ingr = keyed[inv]
-            hit = hits.get(key) if step.enable_cache else None
-            row = {
-                "_id": w.id,
-                "status": StepStatus.READY.value,
-                "cache_key": key,
-                "cache_ingredients": ingr,
-                "cached_from_run_id": None,
-                "cached_from_step_run_id": None,
-                "started_at": None,
-                "ended_at": None,
-            }
-            if hit is not None and set(hit.outputs) == set(step.output_names()):
-                row.update(
-                    status=StepStatus.CACHED.value,
-                    cached_from_run_id=hit.run_id,
-                    cached_from_step_run_id=hit.step_run_id,
-                    started_at=now,
-                    ended_at=now,
+        for d in _decide(s, list(ids), by_id, produced):
+            settled.append({"_id": ids[d.invocation_id], **_cache_columns(d, now)})
+            if d.hit is not None:
+                cached.append(d.invocation_id)
+                edges += _link_hit(
+                    by_id[d.invocation_id], ids[d.invocation_id], run_id, d.hit, produced
                 )
-                cached.append(inv)
-                for name, art in hit.outputs.items():
-                    produced[(inv, name)] = art
-                    edges.append(_edge(w.id, run_id, q.OUTPUT, name, 0, art.id))
-                edges += input_edges(step, w.id, run_id, produced)
-            settled.append(row)
         q.settle_steps(s, settled)
         q.add_lineage(s, edges)
         cascaded = cascaded or bool(cached)
         wave = [r for inv in cached for r in q.decrement_deps(s, run_id, downstream[inv])]
-    queued = fill_window(
-        s, run_id, spec.name, window=window, now=now, by_id=by_id, produced=produced
-    )
+    queued = fill_window(s, run_id, window=window, now=now, produced=produced)
     if not queued and (leaf or cascaded):
         finish_run_if_done(s, run_id, now=now)
     return queued
@@ -315,47 +338,45 @@ def _resolve(
 def fill_window(
     s: Session,
     run_id: str,
-    pipeline: str,
     *,
     window: int,
     now: float,
-    by_id: dict[str, StepSpec] | None = None,
     produced: dict[tuple[str, str], Any] | None = None,
 ) -> list[QueuedStep]:
     """Queue ready steps of a run until ``window`` of them are on the broker or running.
 
-    With ``by_id`` and ``produced``, a task whose input artifacts are all known here
-    carries them, so its worker need not read them back.
+    With ``produced``, a task whose input artifacts are all known here carries them,
+    so its worker need not read them back.
     """
+    spec, by_id, _ = SPECS.get(s, run_id)
     out = []
-    entry = SPECS.cached(run_id)
-    run_steps = len(entry[0].steps) if entry else None
-    for row in q.queue_ready(s, run_id, window, now, run_steps=run_steps):
+    for row in q.queue_ready(s, run_id, window, now, run_steps=len(spec.steps)):
         inputs = None
-        if by_id is not None and produced is not None:
+        if produced is not None:
             refs = [(r.step, r.output) for i in by_id[row.invocation_id].inputs for r in i.refs]
             if all(ref in produced and produced[ref].uri for ref in refs):
                 inputs = [{"step": a, "output": b, **produced[(a, b)].encode()} for a, b in refs]
-        out.append(_queued_step(row, pipeline, inputs))
+        out.append(queued_step(s, row, inputs))
     return out
 
 
-def _queued_step(row: Any, pipeline: str, inputs: list[dict[str, str]] | None = None) -> QueuedStep:
+def queued_step(s: Session, row: Any, inputs: list[dict[str, str]] | None = None) -> QueuedStep:
+    """The broker task for a queued step-run row (``id``, ``run_id``, ``invocation_id``,
+    ``step_name``, ``queue``, ``task_id``)."""
+    spec, by_id, _ = SPECS.get(s, row.run_id)
     task = StepTask(
         run_id=row.run_id,
         step_run_id=row.id,
         invocation_id=row.invocation_id,
-        pipeline=pipeline,
+        pipeline=spec.name,
         inputs=inputs,
     )
-    entry = SPECS.cached(row.run_id)
-    step = entry[1].get(row.invocation_id) if entry else None
     return QueuedStep(
         task=task,
         queue=row.queue,
         task_id=row.task_id,
         step_name=row.step_name,
-        timeout_s=step.timeout_s if step else None,
+        timeout_s=by_id[row.invocation_id].timeout_s,
     )
 
 
@@ -439,11 +460,10 @@ def step_failed(
             **values,
         ):
             return None
-        spec, _, _ = SPECS.get(s, row.run_id)
         retry = q.QueuedRow(
             row.id, row.run_id, row.invocation_id, row.step_name, row.queue, task_id
         )
-        return [_queued_step(retry, spec.name)]
+        return [queued_step(s, retry)]
     if not q.finish_attempt(
         s,
         row.id,
@@ -462,18 +482,13 @@ def step_failed(
 def fail_run(s: Session, run_id: str, message: str, *, now: float) -> None:
     """Fail a run and skip its steps that have not started (running ones finish but move nothing on)."""
     if q.set_run_status(s, run_id, RunStatus.FAILED, now=now, message=message):
-        q.stop_unstarted(s, run_id, StepStatus.SKIPPED, now)
+        q.stop_steps(s, run_id, UNSTARTED, StepStatus.SKIPPED, now)
 
 
 def cancel_run(s: Session, run_id: str, *, now: float) -> tuple[list[str], list[str]]:
     """Cancel a running run; return the task ids of its (queued, running) attempts, to revoke."""
     if not q.set_run_status(s, run_id, RunStatus.CANCELLED, now=now, message="cancelled by user"):
         return [], []
-    unstarted = q.stop_unstarted(s, run_id, StepStatus.CANCELLED, now)
-    queued = [r.task_id for r in unstarted if r.task_id]
-    running = [r for r in q.step_runs(s, run_id) if r.status == StepStatus.RUNNING.value]
-    for r in running:
-        q.transition(
-            s, r.id, StepStatus.RUNNING, StepStatus.CANCELLED, ended_at=now, lease_expires_at=None
-        )
-    return queued, [r.task_id for r in running if r.task_id]
+    unstarted = q.stop_steps(s, run_id, UNSTARTED, StepStatus.CANCELLED, now)
+    running = q.stop_steps(s, run_id, [StepStatus.RUNNING], StepStatus.CANCELLED, now)
+    return [r.task_id for r in unstarted if r.task_id], [r.task_id for r in running if r.task_id]

@@ -35,13 +35,6 @@ def recover(s: Session, *, now: float, policy: RecoveryPolicy) -> list[QueuedSte
     Returns the tasks to send once the caller commits.
     """
     out: list[QueuedStep] = []
-    pipelines: dict[str, str] = {}
-
-    def pipeline_of(run_id: str) -> str:
-        if run_id not in pipelines:
-            pipelines[run_id] = dispatch.SPECS.get(s, run_id)[0].name
-        return pipelines[run_id]
-
     for row in q.expired_leases(s, now):
         # A lost worker costs an attempt, but a step always gets one redelivery.
         if row.attempt < max(row.max_attempts, 2):
@@ -63,7 +56,7 @@ def recover(s: Session, *, now: float, policy: RecoveryPolicy) -> list[QueuedSte
                     row.worker_host,
                 )
                 row.task_id = task_id
-                out.append(dispatch._queued_step(row, pipeline_of(row.run_id)))
+                out.append(dispatch.queued_step(s, row))
         elif q.finish_attempt(
             s,
             row.id,
@@ -89,11 +82,8 @@ def recover(s: Session, *, now: float, policy: RecoveryPolicy) -> list[QueuedSte
             row.invocation_id,
             now - (row.queued_at or now),
         )
-        out.append(dispatch._queued_step(row, pipeline_of(row.run_id)))
+        out.append(dispatch.queued_step(s, row))
     for run in q.running_runs(s):
         if not dispatch.finish_run_if_done(s, run.id, now=now):
-            dispatch.SPECS.get(s, run.id)
-            out.extend(
-                dispatch.fill_window(s, run.id, run.pipeline_name, window=policy.window, now=now)
-            )
+            out.extend(dispatch.fill_window(s, run.id, window=policy.window, now=now))
     return out

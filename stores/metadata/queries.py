@@ -27,7 +27,7 @@ from stores.metadata.models import (
     StepRunRow,
     WorkerRow,
 )
-from stores.metadata.states import UNSTARTED, RunStatus, StepStatus
+from stores.metadata.states import RunStatus, StepStatus
 
 INPUT = sql.INPUT
 OUTPUT = sql.OUTPUT
@@ -334,14 +334,16 @@ def extend_lease(s: Session, step_run_id: str, attempt: int, until: float) -> bo
     return res.rowcount == 1  # type: ignore[attr-defined]
 
 
-def stop_unstarted(s: Session, run_id: str, new: StepStatus, now: float) -> list[Row[Any]]:
-    """Mark every not-yet-running step of a run ``new`` (skipped or cancelled); return (id, task_id) of them."""
-    unstarted = [u.value for u in UNSTARTED]
+def stop_steps(
+    s: Session, run_id: str, statuses: Sequence[StepStatus], new: StepStatus, now: float
+) -> list[Row[Any]]:
+    """Move every step of a run in ``statuses`` to ``new`` (skipped or cancelled), dropping its
+    lease; return (id, task_id) of those steps."""
     return list(
         s.execute(
             update(STEPS)
-            .where(STEPS.c.run_id == run_id, STEPS.c.status.in_(unstarted))
-            .values(status=new.value, ended_at=now)
+            .where(STEPS.c.run_id == run_id, STEPS.c.status.in_([st.value for st in statuses]))
+            .values(status=new.value, ended_at=now, lease_expires_at=None)
             .returning(STEPS.c.id, STEPS.c.task_id)
         ).all()
     )

@@ -27,11 +27,10 @@ log = logging.getLogger("zenml_workers.local")
 
 def _child_main(settings_json: str, tasks: Any, results: Any) -> None:
     """Loop of one worker process: run tasks until the ``None`` sentinel."""
-    from zenml_workers.worker.execute import WorkerContext, execute_step
+    from zenml_workers.worker.context import WorkerContext
+    from zenml_workers.worker.execute import execute_step
 
-    ctx = WorkerContext.from_settings(
-        Settings.model_validate_json(settings_json), name=f"local-{os.getpid()}"
-    )
+    ctx = WorkerContext.from_settings(Settings.model_validate_json(settings_json))
     while True:
         item = tasks.get()
         if item is None:

@@ -10,114 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import threading
 import time
 import traceback
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
 from scheduler import dispatch
 from scheduler.dispatch import QueuedStep
-from stores.artifacts import ArtifactStore, artifact_store_from_uri
+from stores.artifacts import ArtifactStore
 from stores.metadata import queries as q
-from stores.metadata.store import MetadataStore
 from zenml_workers.errors import MaterializerError
 from zenml_workers.settings import Settings
 from zenml_workers.specs import StepSpec, StepTask
+from zenml_workers.worker.context import WorkerContext
 from zenml_workers.worker.logcapture import capture_logs
 
 log = logging.getLogger("zenml_workers.worker")
-
-
-@dataclass
-class WorkerContext:
-    """What a worker process needs: the stores, its identity and a cache of step code."""
-
-    settings: Settings
-    metadata: MetadataStore
-    artifacts: ArtifactStore
-    host: str = field(default_factory=socket.gethostname)
-    name: str = ""
-    code: OrderedDict[str, Callable[..., Any]] = field(default_factory=OrderedDict)
-    _heartbeat: LeaseKeeper | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings, *, name: str = "") -> WorkerContext:
-        metadata = MetadataStore(settings.resolved_metadata_url())
-        artifacts = artifact_store_from_uri(
-            settings.resolved_artifact_uri(), **settings.s3_options()
-        )
-        return cls(
-            settings=settings,
-            metadata=metadata,
-            artifacts=artifacts,
-            name=name or socket.gethostname(),
-        )
-
-    def function(self, code_hash: str, pickled: bytes | None) -> Callable[..., Any]:
-        """The step function for ``code_hash``, unpickled from ``pickled`` on first use."""
-        fn = self.code.get(code_hash)
-        if fn is None:
-            import cloudpickle
-
-            if pickled is None:
-                raise LookupError(f"step code {code_hash} is neither cached nor given")
-            fn = cloudpickle.loads(pickled)
-            self.code[code_hash] = fn
-            if len(self.code) > 512:
-                self.code.popitem(last=False)
-        return fn
-
-    @property
-    def leases(self) -> LeaseKeeper:
-        if self._heartbeat is None or self._heartbeat.pid != os.getpid():
-            self._heartbeat = LeaseKeeper(self)
-        return self._heartbeat
-
-
-class LeaseKeeper:
-    """Renews the SQL lease of running steps from one background thread per process.
-
-    Renewal is off the critical path: a step shorter than the heartbeat
-    interval never causes a lease write.
-    """
-
-    def __init__(self, ctx: WorkerContext) -> None:
-        self.ctx = ctx
-        self.pid = os.getpid()
-        self._running: dict[str, tuple[int, float]] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def hold(self, step_run_id: str, attempt: int, lease_s: float) -> None:
-        with self._lock:
-            self._running[step_run_id] = (attempt, lease_s)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="zw-lease", daemon=True)
-            self._thread.start()
-
-    def release(self, step_run_id: str) -> None:
-        with self._lock:
-            self._running.pop(step_run_id, None)
-
-    def _loop(self) -> None:
-        interval = self.ctx.settings.heartbeat_interval_s
-        while not self._wake.wait(interval):
-            with self._lock:
-                held = dict(self._running)
-            if not held:
-                continue
-            now = time.time()
-            try:
-                with self.ctx.metadata.transaction() as s:
-                    for step_run_id, (attempt, lease_s) in held.items():
-                        q.extend_lease(s, step_run_id, attempt, now + lease_s)
-            except Exception:  # a missed renewal is retried next tick; recovery handles real loss
-                log.warning("could not renew step leases", exc_info=True)
 
 
 def lease_for(step: StepSpec, settings: Settings) -> float:
@@ -133,123 +40,50 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
     Returns ``[]`` when the step was already taken, cancelled or superseded: a
     duplicate delivery is dropped here, so the broker may redeliver freely.
     """
-    settings = ctx.settings
-    spec_entry = dispatch.SPECS.cached(task.run_id)
-    if spec_entry is None:
-        with ctx.metadata.read() as s:
-            spec_entry = dispatch.SPECS.get(s, task.run_id)
-    step = spec_entry[1][task.invocation_id]
-    lease_s = lease_for(step, settings)
-    # The claim is one guarded UPDATE, committed on its own: no BEGIN/COMMIT round trips.
-    with ctx.metadata.autocommit() as s:
-        row = q.claim(
-            s, task.step_run_id, host=ctx.host, pid=os.getpid(), lease_s=lease_s, now=time.time()
-        )
-    if row is None:
+    claimed = _claim(task, ctx)
+    if claimed is None:
         log.info(
             "run %s step %s: already taken or run ended; dropping task",
             task.run_id,
             task.invocation_id,
         )
         return []
-    produced = _carried_inputs(task)
-    blob = None
-    if produced is None or step.code_hash not in ctx.code:
-        with ctx.metadata.read() as s:
-            if produced is None:
-                upstream = {ref.step for i in step.inputs for ref in i.refs}
-                produced = q.output_artifacts(s, task.run_id, upstream)
-            if step.code_hash not in ctx.code:
-                blob = q.get_code_blob(s, step.code_hash).pickled
-    attempt = row.attempt
-    ctx.leases.hold(row.id, attempt, lease_s)
+    step, row, produced, blob, lease_s = claimed
+    ctx.leases.hold(row.id, row.attempt, lease_s)
     written: list[str] = []
-    started = time.time()
     try:
-        with capture_logs() as logs:
-            try:
-                fn = ctx.function(step.code_hash, blob)
-                kwargs = _load_inputs(step, produced, ctx.artifacts)
-                kwargs.update(step.parameters)
-                log.info(
-                    "run %s step %s attempt %d started on %s",
-                    task.run_id,
-                    step.invocation_id,
-                    attempt,
-                    ctx.host,
-                )
-                result = fn(**kwargs)
-                artifacts = _store_outputs(
-                    step, result, row, attempt, ctx.artifacts, written, now=time.time()
-                )
-                error = None
-            except Exception as e:
-                error, tb = _describe(e), traceback.format_exc()
-        values = {
-            "logs": logs.text,
-            "step_metadata": {"duration_s": round(time.time() - started, 6)},
-        }
+        artifacts, values, error, tb = _run(step, row, produced, blob, ctx, written)
         if error is not None:
             _discard(ctx.artifacts, written)
             log.warning(
                 "run %s step %s attempt %d failed: %s",
                 task.run_id,
                 step.invocation_id,
-                attempt,
+                row.attempt,
                 error,
             )
             with ctx.metadata.transaction() as s:
                 follow = dispatch.step_failed(
                     s,
                     row,
-                    attempt=attempt,
+                    attempt=row.attempt,
                     error=error,
                     traceback=tb,
                     values=values,
                     now=time.time(),
                 )
             return follow or []
-        edges = [
-            {
-                "step_run_id": row.id,
-                "direction": q.OUTPUT,
-                "name": a["name"],
-                "position": 0,
-                "artifact_id": a["id"],
-                "run_id": row.run_id,
-            }
-            for a in artifacts
-        ] + dispatch.input_edges(step, row.id, row.run_id, produced)
-        with ctx.metadata.transaction() as s:
-            follow = dispatch.step_succeeded(
-                s,
-                row,
-                attempt=attempt,
-                artifacts=artifacts,
-                edges=edges,
-                values=values,
-                window=settings.max_queued_per_run,
-                now=time.time(),
-            )
-        if follow is None:
-            log.info(
-                "run %s step %s attempt %d lost its lease; discarding its outputs",
-                task.run_id,
-                step.invocation_id,
-                attempt,
-            )
-            _discard(ctx.artifacts, written)
-            return []
-        return follow
+        return _commit(step, row, produced, artifacts, values, ctx, written)
     except BaseException as e:
-        # Killed mid-step (SystemExit, KeyboardInterrupt): record it so the run does not hang.
+        # Killed mid-step (SystemExit, KeyboardInterrupt) or the store failed: record it so
+        # the run does not hang, then let it propagate.
         _discard(ctx.artifacts, written)
         try:
             with ctx.metadata.transaction() as s:
                 dispatch.step_failed(
                     s,
                     row,
-                    attempt=attempt,
+                    attempt=row.attempt,
                     error=_describe(e),
                     traceback=traceback.format_exc(),
                     values={},
@@ -260,6 +94,110 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
             raise
     finally:
         ctx.leases.release(row.id)
+
+
+def _claim(
+    task: StepTask, ctx: WorkerContext
+) -> tuple[StepSpec, Any, dict[tuple[str, str], Any], bytes | None, float] | None:
+    """Claim the attempt (one guarded, autocommitted UPDATE) and gather what running it needs:
+    the step spec, the claimed row, the input artifacts and, on first sight, the step code."""
+    spec_entry = dispatch.SPECS.cached(task.run_id)
+    if spec_entry is None:
+        with ctx.metadata.read() as s:
+            spec_entry = dispatch.SPECS.get(s, task.run_id)
+    step = spec_entry[1][task.invocation_id]
+    lease_s = lease_for(step, ctx.settings)
+    with ctx.metadata.autocommit() as s:
+        row = q.claim(
+            s, task.step_run_id, host=ctx.host, pid=os.getpid(), lease_s=lease_s, now=time.time()
+        )
+    if row is None:
+        return None
+    produced = _carried_inputs(task)
+    blob = None
+    if produced is None or step.code_hash not in ctx.code:
+        with ctx.metadata.read() as s:
+            if produced is None:
+                upstream = {ref.step for i in step.inputs for ref in i.refs}
+                produced = q.output_artifacts(s, task.run_id, upstream)
+            if step.code_hash not in ctx.code:
+                blob = q.get_code_blob(s, step.code_hash).pickled
+    return step, row, produced, blob, lease_s
+
+
+def _run(
+    step: StepSpec,
+    row: Any,
+    produced: dict[tuple[str, str], Any],
+    blob: bytes | None,
+    ctx: WorkerContext,
+    written: list[str],
+) -> tuple[list[dict[str, Any]], dict[str, Any], str | None, str]:
+    """Load the inputs, call the step and store its outputs, with its logs captured.
+
+    Returns the artifact rows, the step-run values (logs, duration) and, when the step
+    (or saving its outputs) raised, the error and its traceback.
+    """
+    started = time.time()
+    artifacts: list[dict[str, Any]] = []
+    error, tb = None, ""
+    with capture_logs() as logs:
+        try:
+            fn = ctx.function(step.code_hash, blob)
+            kwargs = _load_inputs(step, produced, ctx.artifacts)
+            kwargs.update(step.parameters)
+            log.info(
+                "run %s step %s attempt %d started on %s",
+                row.run_id,
+                step.invocation_id,
+                row.attempt,
+                ctx.host,
+            )
+            result = fn(**kwargs)
+            artifacts = _store_outputs(
+                step, result, row, row.attempt, ctx.artifacts, written, now=time.time()
+            )
+        except Exception as e:
+            error, tb = _describe(e), traceback.format_exc()
+    values = {"logs": logs.text, "step_metadata": {"duration_s": round(time.time() - started, 6)}}
+    return artifacts, values, error, tb
+
+
+def _commit(
+    step: StepSpec,
+    row: Any,
+    produced: dict[tuple[str, str], Any],
+    artifacts: list[dict[str, Any]],
+    values: dict[str, Any],
+    ctx: WorkerContext,
+    written: list[str],
+) -> list[QueuedStep]:
+    """Commit a successful attempt with its lineage; discard its outputs if it lost its lease."""
+    edges = [
+        dispatch.lineage_edge(row.id, row.run_id, q.OUTPUT, a["name"], 0, a["id"])
+        for a in artifacts
+    ] + dispatch.input_edges(step, row.id, row.run_id, produced)
+    with ctx.metadata.transaction() as s:
+        follow = dispatch.step_succeeded(
+            s,
+            row,
+            attempt=row.attempt,
+            artifacts=artifacts,
+            edges=edges,
+            values=values,
+            window=ctx.settings.max_queued_per_run,
+            now=time.time(),
+        )
+    if follow is None:
+        log.info(
+            "run %s step %s attempt %d lost its lease; discarding its outputs",
+            row.run_id,
+            step.invocation_id,
+            row.attempt,
+        )
+        _discard(ctx.artifacts, written)
+        return []
+    return follow
 
 
 def _carried_inputs(task: StepTask) -> dict[tuple[str, str], q.ArtifactRef] | None:

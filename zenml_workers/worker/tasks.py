@@ -16,7 +16,7 @@ from zenml_workers.specs import GPU_QUEUE, StepTask
 if TYPE_CHECKING:
     from celery import Celery
 
-    from zenml_workers.worker.execute import WorkerContext
+    from zenml_workers.worker.context import WorkerContext
 
 log = logging.getLogger("zenml_workers.worker")
 
@@ -28,7 +28,7 @@ def worker_context(app: Celery) -> WorkerContext:
     """This process's stores and code cache, built on first use (after the prefork fork)."""
     global _context, _context_pid
     if _context is None or _context_pid != os.getpid():
-        from zenml_workers.worker.execute import WorkerContext
+        from zenml_workers.worker.context import WorkerContext
 
         _context = WorkerContext.from_settings(app.conf.zw_settings)
         _context_pid = os.getpid()

@@ -1,0 +1,106 @@
+"""A worker process's state: its stores, its identity, its step-code cache and its leases.
+
+Built once per process (after a fork, never inherited) by the embedded pool's
+children and by each Celery pool process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from stores.artifacts import ArtifactStore, artifact_store_from_uri
+from stores.metadata import queries as q
+from stores.metadata.store import MetadataStore
+from zenml_workers.settings import Settings
+
+log = logging.getLogger("zenml_workers.worker")
+
+
+@dataclass
+class WorkerContext:
+    """What a worker process needs: the stores, its identity and a cache of step code."""
+
+    settings: Settings
+    metadata: MetadataStore
+    artifacts: ArtifactStore
+    host: str = field(default_factory=socket.gethostname)
+    code: OrderedDict[str, Callable[..., Any]] = field(default_factory=OrderedDict)
+    _leases: LeaseKeeper | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WorkerContext:
+        metadata = MetadataStore(settings.resolved_metadata_url())
+        artifacts = artifact_store_from_uri(
+            settings.resolved_artifact_uri(), **settings.s3_options()
+        )
+        return cls(settings=settings, metadata=metadata, artifacts=artifacts)
+
+    def function(self, code_hash: str, pickled: bytes | None) -> Callable[..., Any]:
+        """The step function for ``code_hash``, unpickled from ``pickled`` on first use."""
+        fn = self.code.get(code_hash)
+        if fn is None:
+            import cloudpickle
+
+            if pickled is None:
+                raise LookupError(f"step code {code_hash} is neither cached nor given")
+            fn = cloudpickle.loads(pickled)
+            self.code[code_hash] = fn
+            if len(self.code) > 512:
+                self.code.popitem(last=False)
+        return fn
+
+    @property
+    def leases(self) -> LeaseKeeper:
+        if self._leases is None or self._leases.pid != os.getpid():
+            self._leases = LeaseKeeper(self)
+        return self._leases
+
+
+class LeaseKeeper:
+    """Renews the SQL lease of running steps from one background thread per process.
+
+    Renewal is off the critical path: a step shorter than the heartbeat
+    interval never causes a lease write.
+    """
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.pid = os.getpid()
+        self._running: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+        self._tick = threading.Event()  # never set: waiting on it is the interval
+        self._thread: threading.Thread | None = None
+
+    def hold(self, step_run_id: str, attempt: int, lease_s: float) -> None:
+        with self._lock:
+            self._running[step_run_id] = (attempt, lease_s)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="zw-lease", daemon=True)
+            self._thread.start()
+
+    def release(self, step_run_id: str) -> None:
+        with self._lock:
+            self._running.pop(step_run_id, None)
+
+    def _loop(self) -> None:
+        interval = self.ctx.settings.heartbeat_interval_s
+        while not self._tick.wait(interval):
+            with self._lock:
+                held = dict(self._running)
+            if not held:
+                continue
+            now = time.time()
+            try:
+                with self.ctx.metadata.transaction() as s:
+                    for step_run_id, (attempt, lease_s) in held.items():
+                        q.extend_lease(s, step_run_id, attempt, now + lease_s)
+            except Exception:  # a missed renewal is retried next tick; recovery handles real loss
+                log.warning("could not renew step leases", exc_info=True)

@@ -92,14 +92,14 @@ def _install() -> Any:
             dispatch.step_succeeded, "succeeded_start", "succeeded_end", row_ids
         )
     app_module.send_steps = _traced(app_module.send_steps, "send_start", "send_end", send_ids)
-    publish = app_module.RunEvents.publish
+    publish = app_module.RunEvents.publish_idle
 
     @functools.wraps(publish)
-    def traced_publish(self: Any, run_id: str, *, step: str, idle: bool) -> None:
-        publish(self, run_id, step=step, idle=idle)
+    def traced_publish(self: Any, run_id: str, *, step: str) -> None:
+        publish(self, run_id, step=step)
         _emit("publish_end", run=run_id, step=step)
 
-    app_module.RunEvents.publish = traced_publish  # type: ignore[method-assign]
+    app_module.RunEvents.publish_idle = traced_publish  # type: ignore[method-assign]
     return app_module.create_app(load_settings())
 
 

@@ -110,10 +110,11 @@ class RunEvents:
             self._pid = os.getpid()
         return self._client
 
-    def publish(self, run_id: str, *, step: str, idle: bool) -> None:
+    def publish_idle(self, run_id: str, *, step: str) -> None:
+        """Say that ``step`` finished without queueing anything, so the run may have ended."""
         if not self.enabled:
             return
         try:
-            self.client.publish(self.channel(run_id), json.dumps({"step": step, "idle": idle}))
+            self.client.publish(self.channel(run_id), json.dumps({"step": step}))
         except Exception:  # waiters fall back to reading the run every half second
             log.warning("could not publish run event for run %s", run_id, exc_info=True)

@@ -62,7 +62,7 @@ def register(app: Celery) -> None:
         send_steps(app, follow)
         if not follow:
             # Only a step that queued nothing may have ended its run: wake the waiters.
-            events.publish(step_task.run_id, step=step_task.invocation_id, idle=True)
+            events.publish_idle(step_task.run_id, step=step_task.invocation_id)
 
     state: dict[str, Any] = {}
 

@@ -22,6 +22,30 @@ __all__ = ["ZENML", "bench_cached", "bench_chain", "bench_fan", "bench_import", 
 ZENML = {"chain10": 1.35, "fan_50": 4.4, "cached_chain10": 0.8, "import": 1.7}
 
 
+def vs_zenml(
+    name: str,
+    zenml_key: str | None,
+    description: str,
+    value_s: float,
+    raw: dict[str, Any],
+    target: str = "",
+) -> Result:
+    """A timing result, compared with ZenML's published figure ``zenml_key`` when there is one."""
+    zenml = ZENML[zenml_key] if zenml_key else None
+    return Result(
+        name=name,
+        description=description,
+        unit="s",
+        value=value_s,
+        baseline=zenml,
+        baseline_source="ZenML 0.98 published" if zenml else "",
+        ratio=zenml / value_s if zenml and value_s > 0 else None,
+        ratio_meaning="ZenML / ours (speed-up)" if zenml else "",
+        target=target,
+        raw=raw,
+    )
+
+
 def embedded_settings(home: Path) -> Any:
     """Settings of the embedded default under ``home`` with 2 local worker processes."""
     from zenml_workers.settings import load_settings
@@ -113,25 +137,21 @@ def bench_chain(settings: Any, seeds: Seeds, repeats: int = 10) -> Result:
     samples = [run_once(chain, settings, seed=seeds()) for _ in range(repeats)]
     wall = median(samples)
     progress(f"embedded 10-step chain: median {wall * 1000:.1f} ms over {repeats} runs")
-    return Result(
-        name="embedded.chain10",
-        description=(
+    return vs_zenml(
+        "embedded.chain10",
+        "chain10",
+        (
             f"{CHAIN_LENGTH}-step chain of trivial int steps on the embedded default (2 local worker "
             f"processes, SQLite, local folder); median wall time of {repeats} uncached runs after a warm-up"
         ),
-        unit="s",
-        value=wall,
-        baseline=ZENML["chain10"],
-        baseline_source="ZenML 0.98 published",
-        ratio=ZENML["chain10"] / wall,
-        ratio_meaning="ZenML / ours (speed-up)",
-        target=">= 20x",
-        raw={
+        wall,
+        {
             "samples_s": samples,
             "warmup_s": warmup,
             "per_step_s": wall / CHAIN_LENGTH,
             "steps": CHAIN_LENGTH,
         },
+        target=">= 20x",
     )
 
 
@@ -145,19 +165,15 @@ def bench_fan(settings: Any, seeds: Seeds, repeats: int = 5, width: int = 50) ->
     progress(
         f"embedded 1->{width}->1 fan-out/fan-in: median {wall * 1000:.0f} ms over {repeats} runs"
     )
-    return Result(
-        name="embedded.fan_50",
-        description=(
+    return vs_zenml(
+        "embedded.fan_50",
+        "fan_50",
+        (
             f"1 -> {width} -> 1 fan-out/fan-in of trivial steps on the embedded default; "
             f"median wall time of {repeats} uncached runs after a warm-up"
         ),
-        unit="s",
-        value=wall,
-        baseline=ZENML["fan_50"],
-        baseline_source="ZenML 0.98 published",
-        ratio=ZENML["fan_50"] / wall,
-        ratio_meaning="ZenML / ours (speed-up)",
-        raw={
+        wall,
+        {
             "samples_s": samples,
             "warmup_s": warmup,
             "steps": width + 2,
@@ -184,21 +200,16 @@ def bench_cached(settings: Any, seeds: Seeds, repeats: int = 10) -> list[Result]
         progress(
             f"embedded cached {steps}-step re-run: median {wall * 1000:.1f} ms ({first * 1000:.0f} ms uncached)"
         )
-        zenml = ZENML["cached_chain10"] if steps == 10 else None
         results.append(
-            Result(
-                name=name,
-                description=(
+            vs_zenml(
+                name,
+                "cached_chain10" if steps == 10 else None,
+                (
                     f"fully cached re-run of a {steps}-step chain on the embedded default (every step a cache "
                     f"hit); median wall time of {repeats} re-runs"
                 ),
-                unit="s",
-                value=wall,
-                baseline=zenml,
-                baseline_source="ZenML 0.98 published" if zenml else "",
-                ratio=zenml / wall if zenml else None,
-                ratio_meaning="ZenML / ours (speed-up)" if zenml else "",
-                raw={
+                wall,
+                {
                     "samples_s": samples,
                     "uncached_first_run_s": first,
                     "per_step_s": wall / steps,
@@ -234,19 +245,15 @@ def bench_import(repeats: int = 5) -> Result:
     public = _time_python(api, repeats)
     cost = max(median(public) - median(empty), 0.0)
     progress(f"import zenml_workers: {bare * 1000:.1f} ms; `{api}`: {cost * 1000:.0f} ms")
-    return Result(
-        name="embedded.import",
-        description=(
+    return vs_zenml(
+        "embedded.import",
+        "import",
+        (
             f"`python -c '{api}'` minus `python -c pass`, medians of {repeats} fresh "
             "subprocesses each (raw also has the bare `import zenml_workers`)"
         ),
-        unit="s",
-        value=cost,
-        baseline=ZENML["import"],
-        baseline_source="ZenML 0.98 published",
-        ratio=ZENML["import"] / cost if cost > 0 else None,
-        ratio_meaning="ZenML / ours (speed-up)",
-        raw={
+        cost,
+        {
             "empty_interpreter_s": empty,
             "import_zenml_workers_s": full,
             "public_api_import_s": public,

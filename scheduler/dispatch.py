@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from scheduler import cache
 from stores.metadata import queries as q
 from stores.metadata.models import RunRow
-from stores.metadata.states import UNSTARTED, RunStatus, StepStatus
+from stores.metadata.states import UNSTARTED, Move, RunStatus, StepStatus
 from zenml_workers.specs import PipelineSpec, StepSpec, StepTask
 
 DEFAULT_WINDOW = 64
@@ -452,7 +452,7 @@ def step_failed(
             s,
             row.id,
             attempt,
-            StepStatus.QUEUED,
+            Move.RETRY,
             queued_at=now,
             task_id=task_id,
             exception=error,
@@ -468,7 +468,7 @@ def step_failed(
         s,
         row.id,
         attempt,
-        StepStatus.FAILED,
+        Move.FAIL,
         ended_at=now,
         exception=error,
         traceback=traceback,
@@ -479,16 +479,49 @@ def step_failed(
     return []
 
 
+def committed_earlier(s: Session, row: Any, *, attempt: int, now: float) -> list[QueuedStep] | None:
+    """After a commit whose outcome was unknown (the connection broke during ``COMMIT``): the
+    tasks that commit queued at ``now`` if it did land, so they are sent; None if it did not
+    (the attempt really lost its lease)."""
+    current = q.holder(s, row.id)
+    if (
+        current is None
+        or current.status != StepStatus.COMPLETED.value
+        or current.attempt != attempt
+    ):
+        return None
+    return [queued_step(s, r) for r in q.queued_at(s, row.run_id, now)]
+
+
+def fail_lost_attempt(
+    s: Session,
+    step_run_id: str,
+    *,
+    run_id: str,
+    invocation_id: str,
+    attempt: int,
+    why: str,
+    now: float,
+) -> bool:
+    """Fail a step whose workers kept dying (out of attempts) and with it the run."""
+    if not q.finish_attempt(
+        s, step_run_id, attempt, Move.FAIL, ended_at=now, exception=f"WorkerLostError: {why}"
+    ):
+        return False
+    fail_run(s, run_id, f"step {invocation_id!r} lost its worker {attempt} times: {why}", now=now)
+    return True
+
+
 def fail_run(s: Session, run_id: str, message: str, *, now: float) -> None:
     """Fail a run and skip its steps that have not started (running ones finish but move nothing on)."""
     if q.set_run_status(s, run_id, RunStatus.FAILED, now=now, message=message):
-        q.stop_steps(s, run_id, UNSTARTED, StepStatus.SKIPPED, now)
+        q.stop_steps(s, run_id, Move.SKIP, now)
 
 
 def cancel_run(s: Session, run_id: str, *, now: float) -> tuple[list[str], list[str]]:
     """Cancel a running run; return the task ids of its (queued, running) attempts, to revoke."""
     if not q.set_run_status(s, run_id, RunStatus.CANCELLED, now=now, message="cancelled by user"):
         return [], []
-    unstarted = q.stop_steps(s, run_id, UNSTARTED, StepStatus.CANCELLED, now)
-    running = q.stop_steps(s, run_id, [StepStatus.RUNNING], StepStatus.CANCELLED, now)
+    unstarted = q.stop_steps(s, run_id, Move.CANCEL, now, only=UNSTARTED)
+    running = q.stop_steps(s, run_id, Move.CANCEL, now, only=(StepStatus.RUNNING,))
     return [r.task_id for r in unstarted if r.task_id], [r.task_id for r in running if r.task_id]

@@ -7,14 +7,15 @@ sleeping: write an expired lease, call :func:`recover` with a later ``now``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
 from scheduler import dispatch
 from scheduler.dispatch import QueuedStep
+from scheduler.lease import LeasePolicy
 from stores.metadata import queries as q
-from stores.metadata.states import StepStatus
+from stores.metadata.states import Move
 
 log = logging.getLogger("zenml_workers.scheduler")
 
@@ -27,27 +28,46 @@ class RecoveryPolicy:
     requeue_queued_after_s: float = 600.0
     #: Most of a run's steps on the broker at once.
     window: int = dispatch.DEFAULT_WINDOW
+    #: Leases, heartbeats and the worker TTL.
+    lease: LeasePolicy = field(default_factory=LeasePolicy)
 
 
-def recover(s: Session, *, now: float, policy: RecoveryPolicy) -> list[QueuedStep]:
-    """Requeue expired leases, resend stale queued steps, top up windows and close finished runs.
+def recover(
+    s: Session,
+    *,
+    now: float,
+    policy: RecoveryPolicy,
+    judge_heartbeats: bool = False,
+    resend_all_queued: bool = False,
+) -> list[QueuedStep]:
+    """Expire the leases of silent workers, requeue expired leases, resend stale queued steps,
+    top up windows and close finished runs.
+
+    Args:
+        judge_heartbeats: the caller has read the store long enough to call a worker whose
+            heartbeat is older than the TTL gone (see ``LeasePolicy.may_judge_heartbeats``).
+        resend_all_queued: the broker lost its queues (it restarted empty): send every
+            queued step again now.
 
     Returns the tasks to send once the caller commits.
     """
     out: list[QueuedStep] = []
+    if judge_heartbeats:
+        gone = q.silent_workers(s, heartbeat_before=now - policy.lease.worker_ttl_s)
+        if gone:
+            n = q.expire_leases_held_by(s, gone, now)
+            log.warning("workers %s are silent; expired %d lease(s)", ", ".join(gone), n)
     for row in q.expired_leases(s, now):
-        # A lost worker costs an attempt, but a step always gets one redelivery.
-        if row.attempt < max(row.max_attempts, 2):
+        if row.attempt < policy.lease.attempts_after_lost_worker(row.max_attempts):
             task_id = q.task_id(row.id, row.attempt + 1)
             if q.transition(
                 s,
                 row.id,
-                StepStatus.RUNNING,
-                StepStatus.QUEUED,
+                Move.REQUEUE,
                 queued_at=now,
                 task_id=task_id,
                 lease_expires_at=None,
-                exception=f"attempt {row.attempt} lost its worker (lease expired)",
+                exception=f"attempt {row.attempt} lost its worker {row.worker_host} (lease expired)",
             ):
                 log.warning(
                     "run %s step %s: lease expired on %s, requeued",
@@ -57,30 +77,28 @@ def recover(s: Session, *, now: float, policy: RecoveryPolicy) -> list[QueuedSte
                 )
                 row.task_id = task_id
                 out.append(dispatch.queued_step(s, row))
-        elif q.finish_attempt(
+        elif dispatch.fail_lost_attempt(
             s,
             row.id,
-            row.attempt,
-            StepStatus.FAILED,
-            ended_at=now,
-            exception=f"WorkerLostError: the worker running attempt {row.attempt} on {row.worker_host} vanished",
+            run_id=row.run_id,
+            invocation_id=row.invocation_id,
+            attempt=row.attempt,
+            why=f"the worker running attempt {row.attempt} on {row.worker_host} vanished",
+            now=now,
         ):
             log.error(
                 "run %s step %s: out of attempts after a lost worker", row.run_id, row.invocation_id
             )
-            dispatch.fail_run(
-                s,
-                row.run_id,
-                f"step {row.invocation_id!r} lost its worker {row.attempt} times",
-                now=now,
-            )
-    for row in q.stale_queued(s, now - policy.requeue_queued_after_s):
+    queued_before = now + 1 if resend_all_queued else now - policy.requeue_queued_after_s
+    for row in q.stale_queued(s, queued_before):
         q.touch_queued(s, row.id, now)
         log.warning(
-            "run %s step %s: queued but unclaimed since %.0fs, sent again",
+            "run %s step %s: queued %s, sent again",
             row.run_id,
             row.invocation_id,
-            now - (row.queued_at or now),
+            "but never sent"
+            if row.queued_at == q.UNSENT
+            else f"{now - (row.queued_at or now):.0f}s ago",
         )
         out.append(dispatch.queued_step(s, row))
     for run in q.running_runs(s):

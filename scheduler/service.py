@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from scheduler.dispatch import QueuedStep
 from scheduler.recovery import RecoveryPolicy, recover
@@ -20,7 +22,42 @@ from stores.metadata.store import MetadataStore
 
 log = logging.getLogger("zenml_workers.scheduler")
 
-Sender = Callable[[Sequence[QueuedStep]], None]
+Sender = Callable[[Sequence[QueuedStep]], object]
+
+
+class BrokerWatch:
+    """Tells whether the broker lost its queues since the last look.
+
+    A marker key lives in Redis itself: a Redis that restarted without persistence (or was
+    flushed) has lost the marker together with every queued message, so the scheduler
+    resends every step that SQL says is queued. The marker survives a scheduler restart,
+    so restarting the scheduler resends nothing.
+    """
+
+    KEY = "zw:broker-epoch"
+
+    def __init__(self, broker_url: str | None) -> None:
+        self.enabled = bool(broker_url) and broker_url.startswith(  # type: ignore[union-attr]
+            ("redis://", "rediss://", "unix://")
+        )
+        self._url = broker_url or ""
+        self._client: Any = None
+
+    def lost_queues(self) -> bool | None:
+        """True when the broker came back empty (the marker is set anew), False when it kept its
+        queues, None when it cannot be reached now."""
+        if not self.enabled:
+            return False
+        import redis
+
+        try:
+            if self._client is None:
+                self._client = redis.Redis.from_url(
+                    self._url, socket_timeout=5, socket_connect_timeout=5
+                )
+            return bool(self._client.set(self.KEY, uuid.uuid4().hex, nx=True))
+        except (redis.RedisError, OSError):
+            return None
 
 
 class SchedulerService:
@@ -28,10 +65,11 @@ class SchedulerService:
 
     Args:
         metadata: the shared metadata store.
-        send: publishes step tasks (the Celery sender in production).
+        send: publishes step tasks (the Celery sender in production); marks what it could not
+            send for the next pass.
         policy: recovery thresholds.
         interval_s: seconds between passes.
-        worker_ttl_s: a worker whose heartbeat is older counts as gone.
+        broker: watches for a broker that lost its queues (None: never lost).
     """
 
     def __init__(
@@ -40,21 +78,48 @@ class SchedulerService:
         send: Sender,
         *,
         policy: RecoveryPolicy,
-        interval_s: float = 5.0,
-        worker_ttl_s: float = 60.0,
+        interval_s: float = 2.0,
+        broker: BrokerWatch | None = None,
     ) -> None:
         self.metadata = metadata
         self.send = send
         self.policy = policy
         self.interval_s = interval_s
-        self.worker_ttl_s = worker_ttl_s
+        self.worker_ttl_s = policy.lease.worker_ttl_s
+        self.broker = broker or BrokerWatch(None)
+        #: Since when every pass could read the store (None: the last one failed).
+        self.watching_since: float | None = None
+        self._resend_all = False
         self._stop = threading.Event()
 
     def run_once(self, now: float | None = None) -> list[QueuedStep]:
-        """One recovery pass; returns what it sent."""
+        """One recovery pass; returns what it sent.
+
+        Raises:
+            MetadataStoreError: the store could not be read (the next pass waits one worker
+                TTL before it calls silent workers gone again).
+        """
         now = time.time() if now is None else now
-        with self.metadata.transaction() as s:
-            out = recover(s, now=now, policy=self.policy)
+        if self.broker.lost_queues():
+            log.warning("the broker lost its queues (restarted empty?); resending queued steps")
+            self._resend_all = True
+        try:
+            with self.metadata.transaction() as s:
+                out = recover(
+                    s,
+                    now=now,
+                    policy=self.policy,
+                    judge_heartbeats=self.policy.lease.may_judge_heartbeats(
+                        self.watching_since, now
+                    ),
+                    resend_all_queued=self._resend_all,
+                )
+        except Exception:
+            self.watching_since = None
+            raise
+        self._resend_all = False
+        if self.watching_since is None:
+            self.watching_since = now
         self.send(out)
         self.flag_blocked_runs(now)
         return out

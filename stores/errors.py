@@ -34,3 +34,20 @@ class MetadataStoreError(StoreError):
 
 class NotFoundError(MetadataStoreError):
     """Raised when a pipeline, run, step run or artifact does not exist."""
+
+
+class InfrastructureError(ZenMLWorkersError):
+    """Raised when a service a run depends on (the metadata store, the artifact store, the
+    broker) cannot be reached right now; the same call may succeed once it is back.
+
+    Workers retry these with backoff under their own budget (``ZW_INFRA_RETRY_BUDGET_S``),
+    separate from a step's ``retries``, and never mark a step failed for one.
+    """
+
+
+class ArtifactStoreUnavailableError(ArtifactStoreError, InfrastructureError):
+    """Raised when the artifact store (S3) cannot be reached or answers with a server error."""
+
+
+class MetadataStoreUnavailableError(MetadataStoreError, InfrastructureError):
+    """Raised when the metadata database cannot be reached or dropped the connection."""

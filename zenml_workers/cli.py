@@ -147,7 +147,7 @@ def _supervise_gpu_workers(
 @click.option(
     "--interval",
     type=float,
-    default=5.0,
+    default=2.0,
     show_default=True,
     envvar="ZW_SCHEDULER_INTERVAL_S",
     help="Seconds between recovery passes (ZW_SCHEDULER_INTERVAL_S).",
@@ -159,9 +159,9 @@ def scheduler(ctx: click.Context, interval: float, once: bool) -> None:
     import logging
 
     from scheduler.recovery import RecoveryPolicy
-    from scheduler.service import SchedulerService
+    from scheduler.service import BrokerWatch, SchedulerService
     from stores.metadata.store import MetadataStore
-    from zenml_workers.worker.celery_app import create_app, send_steps
+    from zenml_workers.worker.celery_app import create_app, send_or_mark_unsent
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -170,12 +170,15 @@ def scheduler(ctx: click.Context, interval: float, once: bool) -> None:
     if settings.is_embedded:
         raise click.UsageError("the scheduler serves a cluster; set ZW_BROKER_URL")
     app = create_app(settings)
+    metadata = MetadataStore(settings.resolved_metadata_url())
     service = SchedulerService(
-        MetadataStore(settings.resolved_metadata_url()),
-        lambda queued: send_steps(app, queued),
-        policy=RecoveryPolicy(settings.requeue_queued_after_s, settings.max_queued_per_run),
+        metadata,
+        lambda queued: send_or_mark_unsent(app, metadata, queued),
+        policy=RecoveryPolicy(
+            settings.requeue_queued_after_s, settings.max_queued_per_run, settings.lease_policy()
+        ),
         interval_s=interval,
-        worker_ttl_s=settings.worker_ttl_s,
+        broker=BrokerWatch(settings.broker_url),
     )
     if once:
         click.echo(f"sent {len(service.run_once())} step task(s)")
@@ -316,6 +319,40 @@ def cancel(ctx: click.Context, run_id: str) -> None:
     run = Client(stack.settings).get_run(run_id)
     RunHandle(run.id, stack).cancel()
     click.echo(f"cancelled run {run.id}")
+
+
+@cli.command("dead-letters")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Records to list."
+)
+@click.option("--clear", is_flag=True, help="Empty the list after listing it.")
+@click.pass_context
+def dead_letters(ctx: click.Context, limit: int, clear: bool) -> None:
+    """List the messages workers dropped as unreadable, newest first."""
+    from stores.metadata.store import redact_url
+    from zenml_workers.worker.broker import DEAD_LETTER_KEY, DeadLetterList
+
+    settings = _settings(ctx)
+    if settings.is_embedded:
+        click.echo(
+            "there is no broker on the embedded default, so no dead letters; "
+            "set ZW_BROKER_URL to read a cluster's"
+        )
+        return
+    dead = DeadLetterList.from_url(settings.broker_url)
+    try:
+        letters = dead.newest(limit)
+        if not letters:
+            click.echo(f"no dead letters in {DEAD_LETTER_KEY} on {redact_url(settings.broker_url)}")
+        for letter in letters:
+            if isinstance(letter, str):
+                click.echo(f"-  ?  not a dead-letter record  {letter[:80]!r}")
+                continue
+            click.echo(f"{_when(letter.at)}  {letter.queue}  {letter.reason}  {letter.raw[:80]!r}")
+        if clear:
+            click.echo(f"cleared {dead.clear()} record(s) from {DEAD_LETTER_KEY}")
+    finally:
+        dead.client.close()
 
 
 @cli.command()

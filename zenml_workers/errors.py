@@ -10,7 +10,10 @@ from stores.errors import (
     ArtifactNotFoundError,
     ArtifactStoreCredentialsError,
     ArtifactStoreError,
+    ArtifactStoreUnavailableError,
+    InfrastructureError,
     MetadataStoreError,
+    MetadataStoreUnavailableError,
     NotFoundError,
     StoreError,
     ZenMLWorkersError,
@@ -20,11 +23,15 @@ __all__ = [
     "ArtifactNotFoundError",
     "ArtifactStoreCredentialsError",
     "ArtifactStoreError",
+    "ArtifactStoreUnavailableError",
+    "BrokerUnavailableError",
     "ConfigurationError",
     "DefinitionError",
     "ExecutionError",
+    "InfrastructureError",
     "MaterializerError",
     "MetadataStoreError",
+    "MetadataStoreUnavailableError",
     "NoWorkerForQueueError",
     "NotFoundError",
     "PipelineDefinitionError",
@@ -90,3 +97,7 @@ class RunTimeoutError(ExecutionError):
 
 class NoWorkerForQueueError(ExecutionError):
     """Raised or reported when steps wait on a queue that no live worker consumes."""
+
+
+class BrokerUnavailableError(InfrastructureError):
+    """Raised when the broker (Redis) cannot be reached to send or receive step tasks."""

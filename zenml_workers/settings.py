@@ -13,9 +13,11 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from scheduler.backoff import Backoff
+from scheduler.lease import LeasePolicy
 from stores.metadata.store import redact_url
 from zenml_workers.errors import ConfigurationError
 
@@ -46,9 +48,13 @@ class Settings(BaseSettings):
     max_queued_per_run: int = 64
     #: Lease of a running step without its own timeout; a heartbeat renews it.
     lease_s: float = 120.0
-    heartbeat_interval_s: float = 20.0
-    #: A worker whose heartbeat is older than this counts as gone.
-    worker_ttl_s: float = 60.0
+    #: How often workers renew their steps' leases and write their heartbeat row.
+    heartbeat_interval_s: float = 2.0
+    #: A worker whose heartbeat is older than this counts as gone: its steps are requeued.
+    worker_ttl_s: float = 10.0
+    #: How long a worker retries an unreachable metadata store, S3 or broker (with backoff)
+    #: before it gives a step message back to the broker.
+    infra_retry_budget_s: float = 600.0
     #: A queued step not claimed for this long is sent again (duplicates are dropped at claim time).
     requeue_queued_after_s: float = 600.0
     #: Broker visibility timeout; longer than the longest step.
@@ -63,6 +69,28 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [q.strip() for q in v.split(",") if q.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _check_timing(self) -> Settings:
+        # A ConfigurationError (not a ValueError) passes through pydantic unchanged.
+        for other, value in (("lease_s", self.lease_s), ("worker_ttl_s", self.worker_ttl_s)):
+            if self.heartbeat_interval_s * 3 > value:
+                raise ConfigurationError(
+                    f"ZW_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s:g}s) must be at most a third "
+                    f"of ZW_{other.upper()} ({value:g}s), or one missed heartbeat loses a live "
+                    f"worker's steps; lower ZW_HEARTBEAT_INTERVAL_S or raise ZW_{other.upper()}"
+                )
+        return self
+
+    def lease_policy(self) -> LeasePolicy:
+        return LeasePolicy(
+            lease_s=self.lease_s,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            worker_ttl_s=self.worker_ttl_s,
+        )
+
+    def infra_backoff(self) -> Backoff:
+        return Backoff(budget_s=self.infra_retry_budget_s)
 
     @property
     def is_embedded(self) -> bool:

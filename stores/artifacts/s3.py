@@ -19,7 +19,12 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from stores.artifacts.base import ArtifactStore, ArtifactWriter, split_uri
-from stores.errors import ArtifactNotFoundError, ArtifactStoreCredentialsError, ArtifactStoreError
+from stores.errors import (
+    ArtifactNotFoundError,
+    ArtifactStoreCredentialsError,
+    ArtifactStoreError,
+    ArtifactStoreUnavailableError,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client  # pragma: no cover
@@ -48,6 +53,20 @@ _CREDENTIAL_CODES = frozenset(
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _EXISTS_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412"})
 _UNSUPPORTED_CODES = frozenset({"NotImplemented", "501"})
+#: Server-side errors that a later retry may not meet (S3 asks clients to back off on these).
+_TRANSIENT_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
 
 
 def _error_code(e: BaseException) -> str:
@@ -331,14 +350,21 @@ class S3ArtifactStore(ArtifactStore):
         """Return the store error for a botocore error ``e`` raised while ``action``-ing ``uri``."""
         from botocore.exceptions import (
             ClientError,
-            EndpointConnectionError,
+            ConnectionError,
+            HTTPClientError,
             NoCredentialsError,
             PartialCredentialsError,
+            ResponseStreamingError,
         )
 
         where = self.endpoint_url or "AWS S3"
         if isinstance(e, ClientError):
             code = _error_code(e)
+            if code in _TRANSIENT_CODES:
+                return ArtifactStoreUnavailableError(
+                    f"S3 at {where} is unavailable to {action} {uri} ({code}); "
+                    "the step is retried with backoff once S3 answers again."
+                )
             if code in _CREDENTIAL_CODES:
                 return ArtifactStoreCredentialsError(
                     f"S3 at {where} refused to {action} {uri} ({code}); "
@@ -363,10 +389,11 @@ class S3ArtifactStore(ArtifactStore):
                 f"No S3 credentials found to {action} {uri}; "
                 "set ZW_S3_ACCESS_KEY_ID / ZW_S3_SECRET_ACCESS_KEY."
             )
-        if isinstance(e, EndpointConnectionError):
-            return ArtifactStoreError(
-                f"Cannot connect to S3 at {where} to {action} {uri}; "
-                "start the server or fix ZW_S3_ENDPOINT_URL."
+        # Refused or timed-out connections, resets and broken response streams.
+        if isinstance(e, (ConnectionError, HTTPClientError, ResponseStreamingError)):
+            return ArtifactStoreUnavailableError(
+                f"Cannot reach S3 at {where} to {action} {uri} ({type(e).__name__}); "
+                "start the server or fix ZW_S3_ENDPOINT_URL (steps retry with backoff meanwhile)."
             )
         return ArtifactStoreError(
             f"S3 at {where} failed to {action} {uri} ({type(e).__name__}: {e}); "

@@ -27,7 +27,7 @@ from stores.metadata.models import (
     StepRunRow,
     WorkerRow,
 )
-from stores.metadata.states import RunStatus, StepStatus
+from stores.metadata.states import Move, RunStatus, StepStatus, sources, target
 
 INPUT = sql.INPUT
 OUTPUT = sql.OUTPUT
@@ -160,6 +160,8 @@ def set_run_status(
     values: dict[str, Any] = {"status": status.value}
     if status.is_terminal():
         values["ended_at"] = now
+    if status is RunStatus.COMPLETED:
+        values["message"] = ""  # e.g. an old "steps wait on queue ..." no longer applies
     if message is not None:
         values["message"] = message
     res = s.connection().execute(
@@ -219,26 +221,13 @@ def decrement_deps(s: Session, run_id: str, invocation_ids: Sequence[str]) -> li
     return [r for r in rows if r.deps_left == 0 and r.status == StepStatus.PENDING.value]
 
 
-def transition(
-    s: Session,
-    step_run_id: str,
-    expected: StepStatus | Sequence[StepStatus],
-    new: StepStatus,
-    **values: Any,
-) -> bool:
-    """Guarded status change; True when this caller made it.
-
-    Raises:
-        ValueError: the state table does not allow ``expected -> new`` (a programming error).
-    """
-    exp = [expected] if isinstance(expected, StepStatus) else list(expected)
-    bad = [e for e in exp if not e.can_become(new)]
-    if bad:
-        raise ValueError(f"step status {bad[0].value} cannot become {new.value}")
+def transition(s: Session, step_run_id: str, move: Move, **values: Any) -> bool:
+    """Make ``move`` on one step run, guarded by the statuses it may start from; True when this
+    caller made it (a concurrent caller that got there first makes it False)."""
     res = s.execute(
         update(StepRunRow)
-        .where(StepRunRow.id == step_run_id, StepRunRow.status.in_([e.value for e in exp]))
-        .values(status=new.value, **values)
+        .where(StepRunRow.id == step_run_id, StepRunRow.status.in_(sources(move)))
+        .values(status=target(move), **values)
     )
     return res.rowcount == 1  # type: ignore[attr-defined]
 
@@ -305,20 +294,67 @@ def complete_attempt(
     )
 
 
-def finish_attempt(
-    s: Session, step_run_id: str, attempt: int, new: StepStatus, **values: Any
-) -> bool:
-    """End attempt ``attempt`` of a running step; False when its lease was lost to another attempt."""
+def finish_attempt(s: Session, step_run_id: str, attempt: int, move: Move, **values: Any) -> bool:
+    """End attempt ``attempt`` of a running step with ``move`` (retry, requeue or fail); False
+    when its lease was lost to another attempt."""
     res = s.connection().execute(
         update(STEPS)
         .where(
             STEPS.c.id == step_run_id,
-            STEPS.c.status == StepStatus.RUNNING.value,
+            STEPS.c.status.in_(sources(move)),
             STEPS.c.attempt == attempt,
         )
-        .values(status=new.value, lease_expires_at=None, **values)
+        .values(status=target(move), lease_expires_at=None, **values)
     )
     return res.rowcount == 1
+
+
+def take_over(
+    s: Session,
+    step_run_id: str,
+    dead_attempt: int,
+    *,
+    host: str,
+    pid: int,
+    lease_s: float,
+    now: float,
+    reason: str,
+) -> Row[Any] | None:
+    """Start a new attempt in place of ``dead_attempt``, whose worker is gone; None if another
+    caller already moved the step on."""
+    return (
+        s.connection()
+        .execute(
+            sql.TAKE_OVER,
+            {
+                "_id": step_run_id,
+                "_attempt": dead_attempt,
+                "now": now,
+                "lease": now + lease_s,
+                "host": host,
+                "pid": pid,
+                "reason": reason,
+            },
+        )
+        .first()
+    )
+
+
+def holder(s: Session, step_run_id: str) -> Any:
+    """What a claim that failed needs to know of the step: its status, attempt, lease holder
+    and attempt budget, and whether its run still runs."""
+    return s.execute(
+        select(
+            STEPS.c.status,
+            STEPS.c.attempt,
+            STEPS.c.max_attempts,
+            STEPS.c.worker_host,
+            STEPS.c.worker_pid,
+            RUNS.c.status.label("run_status"),
+        )
+        .join(RUNS, RUNS.c.id == STEPS.c.run_id)
+        .where(STEPS.c.id == step_run_id)
+    ).first()
 
 
 def extend_lease(s: Session, step_run_id: str, attempt: int, until: float) -> bool:
@@ -335,15 +371,20 @@ def extend_lease(s: Session, step_run_id: str, attempt: int, until: float) -> bo
 
 
 def stop_steps(
-    s: Session, run_id: str, statuses: Sequence[StepStatus], new: StepStatus, now: float
+    s: Session,
+    run_id: str,
+    move: Move,
+    now: float,
+    *,
+    only: tuple[StepStatus, ...] | None = None,
 ) -> list[Row[Any]]:
-    """Move every step of a run in ``statuses`` to ``new`` (skipped or cancelled), dropping its
-    lease; return (id, task_id) of those steps."""
+    """Make ``move`` (skip or cancel) on every step of a run it may start from (narrowed to
+    ``only``), dropping leases; return (id, task_id) of those steps."""
     return list(
         s.execute(
             update(STEPS)
-            .where(STEPS.c.run_id == run_id, STEPS.c.status.in_([st.value for st in statuses]))
-            .values(status=new.value, ended_at=now, lease_expires_at=None)
+            .where(STEPS.c.run_id == run_id, STEPS.c.status.in_(sources(move, only)))
+            .values(status=target(move), ended_at=now, lease_expires_at=None)
             .returning(STEPS.c.id, STEPS.c.task_id)
         ).all()
     )
@@ -353,7 +394,7 @@ def expired_leases(s: Session, now: float) -> list[StepRunRow]:
     return list(
         s.execute(
             select(StepRunRow).where(
-                StepRunRow.status == StepStatus.RUNNING.value, StepRunRow.lease_expires_at < now
+                StepRunRow.status == StepStatus.RUNNING.value, StepRunRow.lease_expires_at <= now
             )
         ).scalars()
     )
@@ -363,8 +404,79 @@ def touch_queued(s: Session, step_run_id: str, now: float) -> None:
     """Restart the clock of a queued step that is being sent again."""
     s.execute(
         update(StepRunRow)
-        .where(StepRunRow.id == step_run_id, StepRunRow.status == StepStatus.QUEUED.value)
-        .values(queued_at=now)
+        .where(StepRunRow.id == step_run_id, StepRunRow.status.in_(sources(Move.RESEND)))
+        .values(status=target(Move.RESEND), queued_at=now)
+    )
+
+
+#: ``queued_at`` of a queued step whose message never reached the broker: the scheduler's
+#: next pass resends it (any real queue time is later).
+UNSENT = 0.0
+
+
+def queued_at(s: Session, run_id: str, at: float) -> list[Row[Any]]:
+    """Queued steps of a run that were queued at exactly ``at`` (by one transaction)."""
+    return list(
+        s.execute(
+            select(
+                STEPS.c.id,
+                STEPS.c.run_id,
+                STEPS.c.invocation_id,
+                STEPS.c.step_name,
+                STEPS.c.queue,
+                STEPS.c.task_id,
+            ).where(
+                STEPS.c.run_id == run_id,
+                STEPS.c.status == StepStatus.QUEUED.value,
+                STEPS.c.queued_at == at,
+            )
+        )
+    )
+
+
+def mark_unsent(s: Session, step_run_ids: Sequence[str]) -> None:
+    """Record that these queued steps' messages could not be sent (the broker was down)."""
+    if step_run_ids:
+        s.execute(
+            update(StepRunRow)
+            .where(
+                StepRunRow.id.in_(list(step_run_ids)),
+                StepRunRow.status.in_(sources(Move.RESEND)),
+            )
+            .values(queued_at=UNSENT)
+        )
+
+
+def expire_leases_held_by(
+    s: Session, workers: Sequence[str], now: float, *, started_before: float | None = None
+) -> int:
+    """End the leases of every running step attributed to these worker node names at ``now``
+    (only attempts started before ``started_before``, if given), so the next recovery pass
+    requeues them; returns how many."""
+    if not workers:
+        return 0
+    where = [
+        StepRunRow.status == StepStatus.RUNNING.value,
+        StepRunRow.worker_host.in_(list(workers)),
+        StepRunRow.lease_expires_at > now,
+    ]
+    if started_before is not None:
+        where.append(StepRunRow.started_at < started_before)
+    res = s.execute(update(StepRunRow).where(*where).values(lease_expires_at=now))
+    return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+def silent_workers(s: Session, *, heartbeat_before: float) -> list[str]:
+    """Node names of workers that said they stopped or last beat before ``heartbeat_before``,
+    while some running step is attributed to them."""
+    held = select(StepRunRow.worker_host).where(StepRunRow.status == StepStatus.RUNNING.value)
+    return list(
+        s.execute(
+            select(WorkerRow.name).where(
+                WorkerRow.name.in_(held),
+                (WorkerRow.stopped.is_(True)) | (WorkerRow.heartbeat_at < heartbeat_before),
+            )
+        ).scalars()
     )
 
 

@@ -10,10 +10,21 @@ from __future__ import annotations
 
 from typing import cast as type_cast
 
-from sqlalchemy import Integer, String, Table, and_, bindparam, cast, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    String,
+    Table,
+    and_,
+    bindparam,
+    cast,
+    func,
+    select,
+    update,
+)
 
 from stores.metadata.models import ArtifactRow, LineageRow, RunRow, StepRunRow
-from stores.metadata.states import RunStatus, StepStatus
+from stores.metadata.states import Move, RunStatus, StepStatus, sources, target
 
 INPUT = "input"
 OUTPUT = "output"
@@ -23,6 +34,17 @@ LINEAGE = type_cast(Table, LineageRow.__table__)
 ARTIFACTS = type_cast(Table, ArtifactRow.__table__)
 
 RUNS = type_cast(Table, RunRow.__table__)
+
+
+def status_guard(move: Move) -> ColumnElement[bool]:
+    """``status = <source>`` (or ``IN (...)``) for ``move``, from the state table. A single
+    source compiles to a plain comparison, which ``executemany`` accepts."""
+    srcs = sources(move)
+    if len(srcs) == 1:
+        return STEPS.c.status == srcs[0]
+    return STEPS.c.status.in_(srcs)
+
+
 TERMINAL = [st.value for st in StepStatus if st.is_terminal()]
 RUN_ALIVE = (
     select(RUNS.c.id)
@@ -31,14 +53,34 @@ RUN_ALIVE = (
 )
 CLAIM = (
     update(STEPS)
-    .where(STEPS.c.id == bindparam("_id"), STEPS.c.status == StepStatus.QUEUED.value, RUN_ALIVE)
+    .where(STEPS.c.id == bindparam("_id"), status_guard(Move.CLAIM), RUN_ALIVE)
     .values(
-        status=StepStatus.RUNNING.value,
+        status=target(Move.CLAIM),
         attempt=STEPS.c.attempt + 1,
         started_at=bindparam("now"),
         lease_expires_at=bindparam("lease"),
         worker_host=bindparam("host"),
         worker_pid=bindparam("pid"),
+    )
+    .returning(*STEPS.c)
+)
+#: A new attempt replaces one whose worker is provably dead (guarded by the dead attempt).
+TAKE_OVER = (
+    update(STEPS)
+    .where(
+        STEPS.c.id == bindparam("_id"),
+        status_guard(Move.TAKE_OVER),
+        STEPS.c.attempt == bindparam("_attempt"),
+        RUN_ALIVE,
+    )
+    .values(
+        status=target(Move.TAKE_OVER),
+        attempt=STEPS.c.attempt + 1,
+        started_at=bindparam("now"),
+        lease_expires_at=bindparam("lease"),
+        worker_host=bindparam("host"),
+        worker_pid=bindparam("pid"),
+        exception=bindparam("reason"),
     )
     .returning(*STEPS.c)
 )
@@ -60,7 +102,7 @@ IN_FLIGHT = select(func.count()).where(
 #: gets a new one.
 _NEXT_READY = (
     select(STEPS.c.id)
-    .where(STEPS.c.run_id == bindparam("q_run_id"), STEPS.c.status == StepStatus.READY.value)
+    .where(STEPS.c.run_id == bindparam("q_run_id"), status_guard(Move.QUEUE))
     .order_by(STEPS.c.position)
     .limit(bindparam("q_limit", type_=Integer))
     .with_for_update(skip_locked=True)
@@ -70,9 +112,9 @@ _NEXT_READY = (
 )
 QUEUE_READY = (
     update(STEPS)
-    .where(STEPS.c.id.in_(select(_NEXT_READY.c.id)), STEPS.c.status == StepStatus.READY.value)
+    .where(STEPS.c.id.in_(select(_NEXT_READY.c.id)), status_guard(Move.QUEUE))
     .values(
-        status=StepStatus.QUEUED.value,
+        status=target(Move.QUEUE),
         queued_at=bindparam("q_now"),
         task_id=STEPS.c.id + "." + cast(STEPS.c.attempt + 1, String),
     )
@@ -124,9 +166,14 @@ CACHE_HITS = (
         STEPS.c.status == StepStatus.COMPLETED.value,
     )
 )
+#: Settle a just-unblocked step: ``ready``, or ``cached`` with its origin (both leave ``pending``).
 SET_STEP = (
     update(STEPS)
-    .where(STEPS.c.id == bindparam("_id"))
+    .where(
+        STEPS.c.id == bindparam("_id"),
+        # Both settle moves start from the same status (tests/unit/test_states.py checks).
+        status_guard(Move.SETTLE_READY),
+    )
     .values(
         status=bindparam("status"),
         cache_key=bindparam("cache_key"),
@@ -142,11 +189,11 @@ COMPLETE = (
     update(STEPS)
     .where(
         STEPS.c.id == bindparam("_id"),
-        STEPS.c.status == StepStatus.RUNNING.value,
+        status_guard(Move.COMPLETE),
         STEPS.c.attempt == bindparam("_attempt"),
     )
     .values(
-        status=StepStatus.COMPLETED.value,
+        status=target(Move.COMPLETE),
         lease_expires_at=None,
         ended_at=bindparam("ended_at"),
         logs=bindparam("logs"),

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stores.errors import MetadataStoreError
+from stores.errors import MetadataStoreError, MetadataStoreUnavailableError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -40,12 +40,21 @@ def redact_url(url: str) -> str:
     return url
 
 
-def _ping_when_idle(engine: Any, *, idle_s: float) -> None:
-    """Test a pooled connection before use only if it sat idle for ``idle_s`` seconds.
+#: A pooled PostgreSQL connection idle for longer is pinged before use.
+IDLE_PING_S = 10.0
 
-    ``pool_pre_ping`` would add a round trip to every transaction (two per step);
-    a connection in constant use is known to be alive.
+
+def _ping_when_idle(engine: Any, *, idle_s: float) -> None:
+    """Test a pooled connection before use only if it sat idle for ``idle_s`` seconds, or if
+    its socket has something to read while no query is running: the server closed it (a
+    restart, a fail-over, a killed backend) and its farewell or EOF is waiting there.
+
+    ``pool_pre_ping`` would add a round trip to every transaction (two per step); a
+    ``select()`` on the socket costs microseconds and catches a restarted server on the
+    first use after it, instead of failing that use.
     """
+    import select
+
     from sqlalchemy import event, exc
 
     @event.listens_for(engine, "checkin")
@@ -55,15 +64,35 @@ def _ping_when_idle(engine: Any, *, idle_s: float) -> None:
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
         last = record.info.get("zw_last_used")
-        if last is None or time.monotonic() - last < idle_s:
+        if last is None:
             return
+        if time.monotonic() - last < idle_s:
+            try:
+                readable, _, _ = select.select([dbapi_conn.fileno()], [], [], 0)
+            except (OSError, ValueError):
+                readable = [True]  # no usable socket: let the ping decide
+            if not readable:
+                return
         try:
             cur = dbapi_conn.cursor()
             cur.execute("SELECT 1")
             cur.close()
+            # psycopg opened a transaction for the ping; end it, or the next user cannot
+            # switch the connection to autocommit ("can't change 'autocommit' now").
+            dbapi_conn.rollback()
         except Exception as e:
             # The pool discards this connection and checks out a fresh one.
             raise exc.DisconnectionError(str(e)) from e
+
+
+def _is_outage(e: BaseException) -> bool:
+    """Whether ``e`` means the database is unreachable (or, for SQLite, unusable) rather than
+    a wrong statement: operational and interface errors, dropped connections, pool time-outs."""
+    from sqlalchemy import exc
+
+    if isinstance(e, exc.DBAPIError) and e.connection_invalidated:
+        return True
+    return isinstance(e, exc.OperationalError | exc.InterfaceError | exc.TimeoutError)
 
 
 class MetadataStore:
@@ -78,8 +107,9 @@ class MetadataStore:
             database cannot be reached or migrated.
     """
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    def __init__(self, url: str, *, migrate: bool = True, idle_ping_s: float = IDLE_PING_S) -> None:
         self.url = url
+        self.idle_ping_s = idle_ping_s
         self._migrate = migrate
         self._engine: Engine | None = None
         self._write_engine: Engine | None = None
@@ -131,7 +161,7 @@ class MetadataStore:
 
             else:
                 engine = create_engine(self.url, pool_size=5, max_overflow=10)
-                _ping_when_idle(engine, idle_s=10.0)
+                _ping_when_idle(engine, idle_s=self.idle_ping_s)
         except (ArgumentError, NoSuchModuleError, ModuleNotFoundError) as e:
             raise MetadataStoreError(
                 f"cannot use metadata store URL {redact_url(self.url)!r} ({e}); set ZW_METADATA_URL to "
@@ -211,17 +241,36 @@ class MetadataStore:
         )
 
     def _unreachable(self, e: Exception) -> MetadataStoreError:
-        return MetadataStoreError(
-            f"cannot reach the metadata store at {redact_url(self.url)} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0]}); check ZW_METADATA_URL and that the database is running"
+        """The error for a failed database call: SQLite's locked and full databases get their
+        own sentences; everything else means the database cannot be reached right now."""
+        first = (str(getattr(e, "orig", None) or e).splitlines() or [""])[0]
+        where = redact_url(self.url)
+        if self.is_sqlite and "locked" in first:
+            return MetadataStoreError(
+                f"the SQLite metadata store {where} stayed locked by another process for 60 s "
+                f"({first}); stop the process holding it, or use PostgreSQL for many writers"
+            )
+        if self.is_sqlite and "full" in first:
+            return MetadataStoreError(
+                f"the disk holding the SQLite metadata store {where} is full ({first}); "
+                "free space there or move ZW_HOME / ZW_METADATA_URL to a bigger disk"
+            )
+        cls = MetadataStoreError if self.is_sqlite else MetadataStoreUnavailableError
+        return cls(
+            f"cannot reach the metadata store at {where} ({type(e).__name__}: {first}); "
+            "check ZW_METADATA_URL and that the database is running"
         )
 
     # -- sessions ---------------------------------------------------------------------------
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """A write transaction: committed on a clean exit, rolled back on an exception."""
-        from sqlalchemy.exc import OperationalError
+        """A write transaction: committed on a clean exit, rolled back on an exception.
+
+        Raises:
+            MetadataStoreUnavailableError: PostgreSQL cannot be reached or dropped the connection.
+            MetadataStoreError: SQLite stayed locked, its disk is full, or it cannot be opened.
+        """
         from sqlalchemy.orm import Session
 
         self.engine  # noqa: B018 - builds and migrates on first use
@@ -233,8 +282,10 @@ class MetadataStore:
                     session.begin(),
                 ):
                     yield session
-            except OperationalError as e:
-                raise self._unreachable(e) from e
+            except Exception as e:
+                if _is_outage(e):
+                    raise self._unreachable(e) from e
+                raise
 
     @contextmanager
     def _writer_lock(self) -> Iterator[None]:
@@ -267,7 +318,6 @@ class MetadataStore:
             with self.transaction() as session:
                 yield session
             return
-        from sqlalchemy.exc import OperationalError
         from sqlalchemy.orm import Session
 
         engine = self.engine
@@ -276,18 +326,21 @@ class MetadataStore:
         try:
             with Session(self._autocommit_engine, expire_on_commit=False) as session:
                 yield session
-        except OperationalError as e:
-            raise self._unreachable(e) from e
+        except Exception as e:
+            if _is_outage(e):
+                raise self._unreachable(e) from e
+            raise
 
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read-only session (no write lock on SQLite)."""
-        from sqlalchemy.exc import OperationalError
         from sqlalchemy.orm import Session
 
         engine = self.engine
         try:
             with Session(engine, expire_on_commit=False) as session, session.begin():
                 yield session
-        except OperationalError as e:
-            raise self._unreachable(e) from e
+        except Exception as e:
+            if _is_outage(e):
+                raise self._unreachable(e) from e
+            raise

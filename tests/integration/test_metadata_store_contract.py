@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -435,3 +436,133 @@ def test_concurrent_last_steps_close_the_run_exactly_once(store: MetadataStore) 
 
     assert statuses(store, run_id) == {"l": "completed", "r": "completed"}
     assert run_status(store, run_id) == "completed"
+
+
+# -- faults: idle connections, dead lease holders, silent workers, a broker that lost queues --
+
+
+def test_claim_after_the_connection_idled_past_the_ping_threshold(store: MetadataStore) -> None:
+    """Regression: the idle ping left psycopg in a transaction, so the next autocommit claim
+    failed with "can't change 'autocommit' now" and the step was stranded."""
+    idle = MetadataStore(store.url, idle_ping_s=0.3)
+    try:
+        _, queued = plan(idle, pipeline(step("a"), step("b")))
+        with idle.read() as s:  # the pooled connection is used, then idles
+            q.status_counts(s, queued[0].task.run_id)
+        time.sleep(0.6)  # the fault itself: real idle time past the threshold
+        with idle.autocommit() as s:
+            row = q.claim(s, queued[0].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW)
+        time.sleep(0.6)
+        with idle.transaction() as s:  # and a write transaction after idling works too
+            other = q.claim(s, queued[1].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW)
+    finally:
+        idle.dispose()
+    assert row is not None and row.status == "running"
+    assert other is not None
+
+
+def test_take_over_replaces_the_dead_attempt_exactly_once(store: MetadataStore) -> None:
+    run_id, queued = plan(store, pipeline(step("a")))
+    first = claim(store, queued[0])
+    assert first is not None
+    sid = queued[0].task.step_run_id
+
+    with store.transaction() as s:
+        new = q.take_over(
+            s, sid, first.attempt, host="h", pid=2, lease_s=60, now=NOW + 1, reason="pid 1 died"
+        )
+        again = q.take_over(
+            s, sid, first.attempt, host="h", pid=3, lease_s=60, now=NOW + 1, reason="pid 1 died"
+        )
+    assert new is not None and new.attempt == 2 and new.worker_pid == 2
+    assert again is None
+    # The dead attempt can no longer commit; the new one can.
+    assert succeed(store, first) is None
+    assert succeed(store, new) == []
+    assert run_status(store, run_id) == "completed"
+
+
+def test_recovery_expires_leases_of_a_silent_worker_at_once(store: MetadataStore) -> None:
+    _, queued = plan(store, pipeline(step("a")))
+    with store.transaction() as s:
+        q.worker_heartbeat(s, name="cpu@vm1", queues=["cpu"], host="vm1", pid=9, now=NOW)
+        row = q.claim(s, queued[0].task.step_run_id, host="cpu@vm1", pid=10, lease_s=120, now=NOW)
+    assert row is not None
+    policy = RecoveryPolicy()
+
+    with store.transaction() as s:  # silent for 11 s, but the observer only just started
+        assert recover(s, now=NOW + 11, policy=policy) == []
+    with store.transaction() as s:
+        requeued = recover(s, now=NOW + 11, policy=policy, judge_heartbeats=True)
+
+    assert [x.task_id for x in requeued] == [q.task_id(row.id, 2)]
+
+
+def test_recovery_spares_a_worker_that_is_still_beating(store: MetadataStore) -> None:
+    _, queued = plan(store, pipeline(step("a")))
+    with store.transaction() as s:
+        q.worker_heartbeat(s, name="cpu@vm1", queues=["cpu"], host="vm1", pid=9, now=NOW + 8)
+        q.claim(s, queued[0].task.step_run_id, host="cpu@vm1", pid=10, lease_s=120, now=NOW)
+    with store.transaction() as s:
+        assert recover(s, now=NOW + 11, policy=RecoveryPolicy(), judge_heartbeats=True) == []
+
+
+def test_a_restarted_worker_expires_only_its_previous_process_leases(store: MetadataStore) -> None:
+    _, queued = plan(store, pipeline(step("a"), step("b")))
+    old = claim(store, queued[0], now=NOW)
+    with store.transaction() as s:
+        q.claim(s, queued[0].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW)
+        new = q.claim(s, queued[1].task.step_run_id, host="h", pid=5, lease_s=60, now=NOW + 20)
+        n = q.expire_leases_held_by(s, ["h"], NOW + 21, started_before=NOW + 10)
+    assert old is not None and new is not None and n == 1
+    with store.transaction() as s:
+        requeued = recover(s, now=NOW + 21, policy=RecoveryPolicy())
+    assert [x.task.invocation_id for x in requeued] == ["a"]
+
+
+def test_recovery_resends_unsent_and_all_queued_after_a_broker_loss(store: MetadataStore) -> None:
+    _, queued = plan(store, pipeline(step("a"), step("b")))
+    policy = RecoveryPolicy(requeue_queued_after_s=600)
+    with store.transaction() as s:
+        q.mark_unsent(s, [queued[0].task.step_run_id])
+    with store.transaction() as s:
+        unsent = recover(s, now=NOW + 1, policy=policy)
+    assert [x.task_id for x in unsent] == [queued[0].task_id]
+    with store.transaction() as s:
+        everything = recover(s, now=NOW + 2, policy=policy, resend_all_queued=True)
+    assert sorted(x.task_id for x in everything) == sorted(x.task_id for x in queued)
+
+
+def test_a_completed_run_drops_its_waiting_message(store: MetadataStore) -> None:
+    run_id, queued = plan(store, pipeline(step("a")))
+    with store.transaction() as s:
+        q.set_run_message(s, run_id, "steps wait on queue 'cpu', which no live worker consumes")
+    row = claim(store, queued[0])
+    assert row is not None
+    succeed(store, row)
+    with store.read() as s:
+        assert q.get_run(s, run_id).message == ""
+
+
+def test_unreachable_postgres_is_an_infrastructure_error() -> None:
+    from stores.errors import InfrastructureError
+    from tests.services.process import free_port
+
+    st = MetadataStore(f"postgresql+psycopg://u:secret@127.0.0.1:{free_port()}/zw")
+    with (
+        pytest.raises(InfrastructureError, match="cannot reach the metadata store") as info,
+        st.transaction(),
+    ):
+        pass
+    assert "secret" not in str(info.value)
+
+
+def test_sqlite_locked_and_full_get_their_own_sentences(tmp_path) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    st = MetadataStore(f"sqlite:///{tmp_path / 'm.db'}")
+    locked = st._unreachable(OperationalError("stmt", {}, Exception("database is locked")))
+    full = st._unreachable(OperationalError("stmt", {}, Exception("database or disk is full")))
+    assert "stayed locked by another process" in str(locked)
+    assert "is full" in str(full) and "free space" in str(full)
+    assert "check that the database is running" not in str(locked) + str(full)

@@ -11,7 +11,7 @@ from stores.metadata.models import RunRow
 from stores.metadata.store import MetadataStore
 from tests.pipelines import basic
 from zenml_workers import submit
-from zenml_workers.errors import ArtifactStoreCredentialsError, ArtifactStoreError, ExecutionError
+from zenml_workers.errors import ArtifactStoreCredentialsError, ArtifactStoreError
 from zenml_workers.sdk.stack import close_stacks
 from zenml_workers.settings import Settings
 
@@ -64,9 +64,24 @@ def test_submit_to_a_missing_bucket_says_to_create_it(s3_server, tmp_path: Path)
 
 
 @pytest.mark.services
-def test_submit_with_an_unreachable_broker_says_what_to_do(tmp_path: Path) -> None:
+def test_submit_with_an_unreachable_broker_records_the_run_for_the_scheduler(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from stores.metadata import queries as q
+    from stores.metadata.models import StepRunRow
     from tests.services.process import free_port
 
     settings = Settings(home=tmp_path, broker_url=f"redis://127.0.0.1:{free_port()}/0")
-    with pytest.raises(ExecutionError, match="ZW_BROKER_URL.*zw cancel"):
-        submit(basic.chain, settings=settings, n=2)
+    handle = submit(basic.chain, settings=settings, n=2)
+
+    assert handle.status == "running"
+    with MetadataStore(settings.resolved_metadata_url()).read() as s:
+        queued = s.execute(
+            select(StepRunRow.queued_at).where(
+                StepRunRow.run_id == handle.id, StepRunRow.status == "queued"
+            )
+        ).scalars()
+        assert list(queued) == [q.UNSENT]  # the scheduler's next pass sends it
+    warning = next(r.getMessage() for r in caplog.records if "broker" in r.getMessage())
+    assert "cannot reach the broker at redis://127.0.0.1" in warning
+    assert "zw scheduler" in warning and "ZW_BROKER_URL" in warning

@@ -7,6 +7,7 @@ running as root (``initdb`` refuses to run as root), with durability turned off 
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
 import pwd
 import re
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +40,14 @@ SUPERUSER = "postgres"
 
 @dataclass(frozen=True)
 class PostgresServer:
-    """A running PostgreSQL server; ``url_template`` has a ``{database}`` placeholder."""
+    """A running PostgreSQL server; ``url_template`` has a ``{database}`` placeholder.
+
+    It listens on ``host`` (127.0.0.1) and on each of ``bind_hosts`` (see :meth:`url_for`).
+    When this object started the process it can also crash it (:meth:`kill`), bring it
+    back on the same port and cluster folder (:meth:`start`, :meth:`restart`), which keeps
+    every committed row, and freeze it (:meth:`pause`). :meth:`stop` is final: it deletes
+    the cluster.
+    """
 
     url_template: str
     host: str
@@ -47,10 +55,86 @@ class PostgresServer:
     user: str = SUPERUSER
     process: ServiceProcess | None = field(default=None, repr=False, compare=False)
     workdir: Path | None = field(default=None, repr=False, compare=False)
+    bind_hosts: tuple[str, ...] = ()
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Every address it listens on: ``host`` first, then ``bind_hosts``."""
+        return (self.host, *self.bind_hosts)
 
     def url(self, database: str) -> str:
         """Return the SQLAlchemy URL (``postgresql+psycopg://``) of ``database``."""
         return self.url_template.format(database=database)
+
+    def url_for(self, host: str, database: str) -> str:
+        """Return the SQLAlchemy URL of ``database`` through listen address ``host``.
+
+        Raises:
+            ValueError: when the server does not listen on ``host``.
+        """
+        if host not in self.hosts:
+            raise ValueError(f"PostgreSQL listens on {', '.join(self.hosts)}, not on {host}.")
+        return f"postgresql+psycopg://{self.user}@{host}:{self.port}/{database}"
+
+    def is_running(self) -> bool:
+        """Return True while the postmaster this object started is running."""
+        return self.process is not None and self.process.is_running()
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every backend at once, like a crashed machine.
+
+        The cluster folder stays; :meth:`start` runs crash recovery and keeps every
+        committed transaction (commits are written to the OS before they return).
+
+        Raises:
+            RuntimeError: when this object did not start the server.
+        """
+        self._require_process().kill()
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start the server again on the same port and cluster; returns once it answers.
+
+        Raises:
+            RuntimeError: when it is still running or this object did not start it.
+            ServiceError: when :meth:`stop` already deleted the cluster.
+            TimeoutError: when it does not answer ``SELECT 1`` within ``timeout_s`` seconds.
+        """
+        process = self._require_process()
+        if self.workdir is not None and not (self.workdir / "data").is_dir():
+            raise ServiceError(f"The cluster in {self.workdir} was deleted by stop().")
+        process.start()
+        try:
+            process.wait_until(
+                lambda: _select_one(self._conninfo("postgres")), timeout_s, "SELECT 1"
+            )
+        except BaseException:
+            process.stop(timeout_s=15.0)
+            raise
+
+    def restart(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Shut down (fast: clients are disconnected) keeping the cluster, then :meth:`start`.
+
+        Raises:
+            RuntimeError: when this object did not start the server.
+            TimeoutError: see :meth:`start`.
+        """
+        self._require_process().stop(timeout_s=15.0)
+        self.start(timeout_s)
+
+    def pause(self) -> None:
+        """SIGSTOP the postmaster and its backends: connections hang, nothing is closed."""
+        self._require_process().pause()
+
+    def resume(self) -> None:
+        """SIGCONT the server after :meth:`pause`."""
+        self._require_process().resume()
+
+    def _require_process(self) -> ServiceProcess:
+        if self.process is None:
+            raise RuntimeError(
+                "This PostgresServer did not start PostgreSQL; it cannot control it."
+            )
+        return self.process
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` and return its SQLAlchemy URL.
@@ -95,11 +179,35 @@ def _select_one(conninfo: str) -> bool:
         return conn.execute("SELECT 1").fetchone() == (1,)
 
 
-def start_postgres(timeout_s: float = START_TIMEOUT_S) -> PostgresServer:
+def _network_of(address: str) -> str:
+    """Return the subnet (``10.213.1.0/30``) of the interface holding ``address``.
+
+    Falls back to ``address/32`` when ``ip`` is missing or no interface holds it.
+    """
+    ip = shutil.which("ip")
+    if ip is not None:
+        shown = subprocess.run(
+            [ip, "-o", "-4", "addr", "show"], capture_output=True, text=True, check=False
+        )
+        for match in re.finditer(r"\binet (\S+)", shown.stdout):
+            interface = ipaddress.ip_interface(match.group(1))
+            if str(interface.ip) == address:
+                return str(interface.network)
+    return f"{ipaddress.ip_address(address)}/32"
+
+
+def start_postgres(
+    timeout_s: float = START_TIMEOUT_S, *, bind_hosts: Sequence[str] = ()
+) -> PostgresServer:
     """Initialise and start a throw-away cluster (fsync off) on a free loopback port.
 
     The cluster lives in a new folder under the system temporary directory (not pytest's,
     which is 0700 root so ``postgres`` could not traverse it); ``.stop()`` removes it.
+
+    It listens on 127.0.0.1 and on each of ``bind_hosts`` (IPv4 addresses of this machine,
+    such as a :class:`~tests.services.netns.NetworkHost`'s ``service_address``, which must
+    exist before the server starts); ``pg_hba.conf`` trusts clients from the subnet of each
+    such address (that of its interface, else the address alone).
 
     Raises:
         ServiceUnavailableError: PostgreSQL (``initdb``) or the ``postgres`` user is missing.
@@ -148,15 +256,23 @@ def start_postgres(timeout_s: float = START_TIMEOUT_S) -> PostgresServer:
                 f"initdb failed with exit status {initdb.returncode}; see its output:\n"
                 f"{initdb.stdout}\n{initdb.stderr}"
             )
+        extra_hosts = tuple(dict.fromkeys(h for h in bind_hosts if h != "127.0.0.1"))
+        if extra_hosts:
+            with (data / "pg_hba.conf").open("a") as hba:
+                hba.write("# Extra listen addresses (tests.services.postgres, bind_hosts)\n")
+                for network in dict.fromkeys(_network_of(h) for h in extra_hosts):
+                    hba.write(f"host all all {network} trust\n")
         port = free_port()
         argv = [
             str(bindir / "postgres"),
             "-D", str(data),
             "-p", str(port),
-            "-c", "listen_addresses=127.0.0.1",
+            "-c", f"listen_addresses={','.join(('127.0.0.1', *extra_hosts))}",
             "-c", f"unix_socket_directories={workdir}",
             "-c", "fsync=off",
-            "-c", "synchronous_commit=off",
+            # With fsync off a synchronous commit costs one write(2), and it makes every
+            # committed row survive kill() (asynchronous commits can lose the last ~0.6 s).
+            "-c", "synchronous_commit=on",
             "-c", "full_page_writes=off",
             "-c", "max_connections=200",
         ]  # fmt: skip
@@ -175,6 +291,7 @@ def start_postgres(timeout_s: float = START_TIMEOUT_S) -> PostgresServer:
             port=port,
             process=process,
             workdir=workdir,
+            bind_hosts=extra_hosts,
         )
         process.start()
         process.wait_until(lambda: _select_one(server._conninfo("postgres")), timeout_s, "SELECT 1")

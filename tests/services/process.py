@@ -215,6 +215,12 @@ class ServiceProcess:
 
     Stopping sends ``stop_signal`` to the main PID, waits up to ``timeout_s``, then SIGKILLs
     the whole group so that no child (a Celery pool process, a PostgreSQL backend) outlives it.
+    Once it has exited it can be started again with the same argv (for restart tests); the
+    log file is appended to.
+
+    ``argv`` may run the service through a wrapper that ``exec``s it, such as
+    :meth:`tests.services.netns.NetworkHost.argv_in`: the wrapper keeps the process group,
+    so ``pid`` is the service's own PID and stopping reaches everything it started.
     """
 
     def __init__(
@@ -236,16 +242,18 @@ class ServiceProcess:
         self.user = user
         self.stop_signal = stop_signal
         self._popen: subprocess.Popen[bytes] | None = None
+        self._paused = False
 
     def start(self) -> ServiceProcess:
-        """Start the process; returns ``self``.
+        """Start the process (again, once a previous start has exited); returns ``self``.
 
         Raises:
-            RuntimeError: when it was already started.
+            RuntimeError: when it is still running.
             OSError: when the executable cannot be run.
         """
-        if self._popen is not None:
-            raise RuntimeError(f"{self.name} was already started; create a new ServiceProcess.")
+        if self.is_running():
+            raise RuntimeError(f"{self.name} is still running (pid {self.pid}); stop it first.")
+        self._paused = False
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self._popen = subprocess.Popen(
@@ -329,15 +337,72 @@ class ServiceProcess:
             return None
         popen = self._popen
         if popen.poll() is None:
+            if self._paused:
+                self.resume()  # a stopped process would not act on the stop signal
             try:
                 popen.send_signal(self.stop_signal)
                 popen.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                pass
+                return self.kill()
         # Leftover children (pool processes, backends); an empty group raises, which is fine.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(popen.pid, signal.SIGKILL)
         return popen.wait()
+
+    def kill(self, timeout_s: float = 10.0) -> int | None:
+        """SIGKILL the process, its group and all its descendants at once, like a crashed VM.
+
+        The tree is frozen (SIGSTOP) before it is listed, so nothing forks past the kill, and
+        descendants that left the group (PostgreSQL backends call ``setsid``) die too. Returns
+        once all of them are gone, so a restart finds its ports and files free.
+        Returns the exit status; None when it was never started.
+
+        Raises:
+            TimeoutError: when a descendant is still alive after ``timeout_s`` seconds.
+        """
+        if self._popen is None:
+            return None
+        popen = self._popen
+        if popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(popen.pid, signal.SIGSTOP)
+            tree = [popen.pid, *descendants(popen.pid)]
+            _signal_all(tree, signal.SIGSTOP)
+            tree = list(dict.fromkeys([*tree, *descendants(popen.pid)]))
+            _signal_all(tree, signal.SIGKILL)
+            status = popen.wait()
+            wait_until(
+                lambda: not [pid for pid in tree if _is_alive(pid)],
+                timeout_s,
+                f"the processes of {self.name} to die",
+            )
+        else:
+            status = popen.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        return status
+
+    def pause(self) -> None:
+        """SIGSTOP the process and all its descendants: it hangs but keeps its sockets open.
+
+        Clients see a server that accepts connections (the kernel completes the handshake)
+        but never answers.
+        """
+        self._signal_tree(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        """SIGCONT what :meth:`pause` stopped."""
+        self._signal_tree(signal.SIGCONT)
+        self._paused = False
+
+    def _signal_tree(self, sig: signal.Signals) -> None:
+        popen = self._require()
+        if popen.poll() is not None:
+            return
+        _signal_all([popen.pid, *descendants(popen.pid)], sig)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(popen.pid, sig)
 
     def _require(self) -> subprocess.Popen[bytes]:
         if self._popen is None:
@@ -358,3 +423,42 @@ class ServiceProcess:
     def __repr__(self) -> str:
         state = "not started" if self._popen is None else f"pid {self._popen.pid}"
         return f"ServiceProcess({self.name!r}, {state})"
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """Return (state, parent PID) of ``pid`` from /proc, or None when it does not exist."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
+def _is_alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in {"Z", "X"}
+
+
+def descendants(pid: int) -> list[int]:
+    """Return the PIDs of all living descendants of ``pid`` (children first), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _proc_stat(int(entry.name))
+        if stat is not None and stat[0] not in {"Z", "X"}:
+            children.setdefault(stat[1], []).append(int(entry.name))
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        for child in children.get(queue.pop(0), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _signal_all(pids: Iterable[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)

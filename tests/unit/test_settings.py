@@ -241,3 +241,31 @@ def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> No
 def test_unknown_override_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="'no_such_setting'"):
         load_settings(no_such_setting=1)
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"ZW_HEARTBEAT_INTERVAL_S": "50"}, ("ZW_HEARTBEAT_INTERVAL_S", "ZW_LEASE_S")),
+        (
+            {"ZW_HEARTBEAT_INTERVAL_S": "5", "ZW_WORKER_TTL_S": "12"},
+            ("ZW_HEARTBEAT_INTERVAL_S", "ZW_WORKER_TTL_S"),
+        ),
+    ],
+)
+def test_settings_heartbeat_must_be_well_below_lease_and_ttl(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], names: tuple[str, ...]
+) -> None:
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+    with pytest.raises(ConfigurationError) as info:
+        load_settings()
+
+    assert all(n in str(info.value) for n in names)
+
+
+def test_settings_default_timing_recovers_a_silent_worker_in_seconds() -> None:
+    s = Settings()
+    assert s.heartbeat_interval_s * 3 <= min(s.lease_s, s.worker_ttl_s)
+    assert s.worker_ttl_s <= 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -10,6 +11,7 @@ from scheduler.dispatch import QueuedStep
 from stores.metadata.store import MetadataStore
 from zenml_workers.orchestrators.base import Orchestrator
 from zenml_workers.settings import Settings
+from zenml_workers.worker.celery_app import broker_errors
 
 
 class CeleryOrchestrator(Orchestrator):
@@ -26,7 +28,7 @@ class CeleryOrchestrator(Orchestrator):
         self._subs: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def _subscribe(self, run_id: str) -> Any:
+    def _subscribe_once(self, run_id: str) -> Any:
         with self._lock:
             sub = self._subs.get(run_id)
             if sub is None and self.events.enabled:
@@ -36,25 +38,41 @@ class CeleryOrchestrator(Orchestrator):
             return sub
 
     def send(self, run_id: str, queued: Sequence[QueuedStep]) -> None:
-        from zenml_workers.worker.celery_app import send_steps
+        """Publish the run's first steps. With the broker down the run stays recorded and its
+        steps are marked unsent: ``submit()`` returns and the scheduler sends them later."""
+        from zenml_workers.worker.celery_app import send_or_mark_unsent
 
         # Subscribe before sending, so the run cannot end unseen in between.
         self._subscribe(run_id)
-        send_steps(self.app, queued)
+        send_or_mark_unsent(self.app, self.metadata, queued)
+
+    def _subscribe(self, run_id: str) -> Any:
+        try:
+            return self._subscribe_once(run_id)
+        except broker_errors():
+            return None  # the broker is down: wait() reads SQL until it is back
 
     def wait_changed(self, run_id: str, timeout_s: float) -> bool:
         sub = self._subscribe(run_id)
         if sub is None:
             threading.Event().wait(timeout_s)
             return True
-        # Workers publish only when a step queued nothing: the run may have ended.
-        return sub.get_message(timeout=timeout_s) is not None
+        try:
+            # Workers publish only when a step queued nothing: the run may have ended.
+            return sub.get_message(timeout=timeout_s) is not None
+        except broker_errors():
+            # The broker went away mid-wait: drop the subscription (a new one is made when it
+            # is back) and let the caller read the run from SQL.
+            self.forget(run_id)
+            threading.Event().wait(timeout_s)
+            return True
 
     def forget(self, run_id: str) -> None:
         with self._lock:
             sub = self._subs.pop(run_id, None)
         if sub is not None:
-            sub.close()
+            with contextlib.suppress(*broker_errors()):
+                sub.close()
 
     def revoke(self, queued: Sequence[str], running: Sequence[str]) -> None:
         if queued:

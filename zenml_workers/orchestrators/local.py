@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from scheduler.dispatch import QueuedStep, fail_run, finish_run_if_done
 from stores.metadata import queries as q
-from stores.metadata.states import StepStatus
+from stores.metadata.states import Move, StepStatus
 from stores.metadata.store import MetadataStore
 from zenml_workers.orchestrators.base import Orchestrator
 from zenml_workers.orchestrators.pool import LocalPool, RunTracker
@@ -51,7 +51,7 @@ class LocalOrchestrator(Orchestrator):
                             s,
                             row.id,
                             row.attempt,
-                            StepStatus.FAILED,
+                            Move.FAIL,
                             ended_at=now,
                             exception=f"WorkerLostError: {tracker.error}",
                         )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from zenml_workers.errors import (
     ConfigurationError,
     ExecutionError,
+    InfrastructureError,
     NoWorkerForQueueError,
     RunCancelledError,
     RunFailedError,
@@ -212,25 +213,30 @@ class RunHandle:
         last_blocked_check = 0.0
         warned: set[str] = set()
         hint = False
+        outage: InfrastructureError | None = None
         try:
             while True:
                 now = time.monotonic()
                 if hint or now >= next_read:
                     next_read = now + 0.5
-                    if self.status != "running":
-                        break
-                    if hint and orch.idle(self.id):
-                        orch.settle_idle(self.id)
-                        if self.status != "running":
+                    try:
+                        if self._ended(hint):
                             break
-                    if show:
-                        reporter.update(*self.progress())
-                    if now - last_blocked_check > 5.0:
-                        last_blocked_check = now
-                        for queue, steps in self.blocked_queues().items():
-                            if queue not in warned:
-                                warned.add(queue)
-                                reporter.warn(_no_worker_message(queue, steps))
+                        if show:
+                            reporter.update(*self.progress())
+                        if now - last_blocked_check > 5.0:
+                            last_blocked_check = now
+                            for queue, steps in self.blocked_queues().items():
+                                if queue not in warned:
+                                    warned.add(queue)
+                                    reporter.warn(_no_worker_message(queue, steps))
+                        outage = None
+                    except InfrastructureError as e:
+                        # The metadata store restarts or fails over: keep waiting, say so once.
+                        if outage is None:
+                            reporter.warn(f"{e}; still waiting for run {self.id}")
+                        outage = e
+                        next_read = now + 1.0
                 if deadline is not None and now >= deadline:
                     blocked = self.blocked_queues()
                     if blocked:
@@ -250,6 +256,16 @@ class RunHandle:
         if raise_on_failure:
             _raise_for(run)
         return run
+
+    def _ended(self, hint: bool) -> bool:
+        """Whether the run is over; an idle orchestrator may settle it first."""
+        if self.status != "running":
+            return True
+        orch = self._stack.orchestrator
+        if hint and orch.idle(self.id):
+            orch.settle_idle(self.id)
+            return self.status != "running"
+        return False
 
     def cancel(self) -> None:
         """Cancel the run: queued steps are revoked and running ones stopped."""

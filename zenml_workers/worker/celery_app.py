@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from scheduler.dispatch import QueuedStep
+from stores.metadata import queries as q
+from stores.metadata.store import MetadataStore
 from zenml_workers.settings import Settings
 
 if TYPE_CHECKING:
@@ -34,8 +36,19 @@ def create_app(settings: Settings) -> Celery:
     """
     from celery import Celery
 
+    from zenml_workers.worker.broker import celery_config
+
     app = Celery("zenml_workers", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
+        # A publish to a broker that is down gives up after ~1 s instead of blocking the
+        # caller; the steps stay queued in SQL and the scheduler sends them later.
+        broker_connection_timeout=2,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -56,6 +69,9 @@ def create_app(settings: Settings) -> Celery:
         # limit also switches on the pool's time-limit handling that steps' timeout_s needs.
         task_time_limit=int(settings.visibility_timeout_s),
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Our Redis transport: a message that is not a valid envelope is dead-lettered
+        # instead of stopping the worker (see zenml_workers.worker.broker).
+        **celery_config(settings.broker_url),
     )
     app.conf.zw_settings = settings
     from zenml_workers.worker import tasks
@@ -85,6 +101,39 @@ def send_steps(app: Celery, queued: Sequence[QueuedStep]) -> None:
                 producer=producer,
                 **limits,
             )
+
+
+def broker_errors() -> tuple[type[BaseException], ...]:
+    """What a publish raises when the broker cannot be reached."""
+    import kombu.exceptions
+    import redis
+
+    return (kombu.exceptions.OperationalError, redis.RedisError, OSError)
+
+
+def send_or_mark_unsent(app: Celery, metadata: MetadataStore, queued: Sequence[QueuedStep]) -> bool:
+    """Publish step tasks; when the broker is down, record them as unsent instead of failing.
+
+    The steps are already queued in SQL; marking them unsent makes the scheduler's next
+    pass send them as soon as the broker is back. Returns whether they were sent.
+    """
+    try:
+        send_steps(app, queued)
+        return True
+    except broker_errors() as e:
+        from stores.metadata.store import redact_url
+
+        log.warning(
+            "cannot reach the broker at %s (%s: %s); %d step task(s) recorded as unsent: "
+            "`zw scheduler` sends them once it is back (check ZW_BROKER_URL)",
+            redact_url(str(app.conf.broker_url or "")),
+            type(e).__name__,
+            e,
+            len(queued),
+        )
+    with metadata.transaction() as s:
+        q.mark_unsent(s, [step.task.step_run_id for step in queued])
+    return False
 
 
 class RunEvents:

@@ -64,6 +64,23 @@ class WorkerContext:
         return self._leases
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine and is not a zombie (a SIGKILLed pool
+    child stays a zombie until its parent reaps it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # "pid (comm) S ...": the state follows the last ')'.
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
 class LeaseKeeper:
     """Renews the SQL lease of running steps from one background thread per process.
 
@@ -89,6 +106,11 @@ class LeaseKeeper:
     def release(self, step_run_id: str) -> None:
         with self._lock:
             self._running.pop(step_run_id, None)
+
+    def holds(self, step_run_id: str) -> bool:
+        """Whether this process is running an attempt of ``step_run_id`` right now."""
+        with self._lock:
+            return step_run_id in self._running
 
     def _loop(self) -> None:
         interval = self.ctx.settings.heartbeat_interval_s

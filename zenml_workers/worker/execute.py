@@ -15,38 +15,37 @@ import traceback
 from typing import Any, BinaryIO, cast
 
 from scheduler import dispatch
+from scheduler.backoff import Backoff, call_with_backoff
 from scheduler.dispatch import QueuedStep
+from scheduler.lease import LeasePolicy, Redelivery
 from stores.artifacts import ArtifactStore
+from stores.errors import ArtifactStoreError, InfrastructureError
 from stores.metadata import queries as q
 from zenml_workers.errors import MaterializerError
-from zenml_workers.settings import Settings
 from zenml_workers.specs import StepSpec, StepTask
-from zenml_workers.worker.context import WorkerContext
+from zenml_workers.worker.context import WorkerContext, pid_alive
 from zenml_workers.worker.logcapture import capture_logs
 
 log = logging.getLogger("zenml_workers.worker")
-
-
-def lease_for(step: StepSpec, settings: Settings) -> float:
-    """Seconds a claim is valid before recovery may requeue the step."""
-    if step.timeout_s:
-        return step.timeout_s + max(30.0, settings.heartbeat_interval_s)
-    return settings.lease_s
 
 
 def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
     """Run one attempt of a queued step and return the follow-up tasks to send.
 
     Returns ``[]`` when the step was already taken, cancelled or superseded: a
-    duplicate delivery is dropped here, so the broker may redeliver freely.
+    duplicate delivery is dropped here, so the broker may redeliver freely. A message
+    for a step whose previous attempt's process is provably dead takes it over.
+
+    Raises:
+        InfrastructureError: the metadata store stayed unreachable for the whole retry
+            budget while claiming or committing; nothing was marked failed, and the caller
+            gives the message back to the broker.
     """
-    claimed = _claim(task, ctx)
+    backoff = ctx.settings.infra_backoff()
+    what = f"run {task.run_id} step {task.invocation_id}"
+    claimed = call_with_backoff(lambda: _claim(task, ctx), what=f"{what}: claim", policy=backoff)
     if claimed is None:
-        log.info(
-            "run %s step %s: already taken or run ended; dropping task",
-            task.run_id,
-            task.invocation_id,
-        )
+        log.info("%s: already taken or run ended; dropping task", what)
         return []
     step, row, produced, blob, lease_s = claimed
     ctx.leases.hold(row.id, row.attempt, lease_s)
@@ -55,25 +54,31 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
         artifacts, values, error, tb = _run(step, row, produced, blob, ctx, written)
         if error is not None:
             _discard(ctx.artifacts, written)
-            log.warning(
-                "run %s step %s attempt %d failed: %s",
-                task.run_id,
-                step.invocation_id,
-                row.attempt,
-                error,
+            log.warning("%s attempt %d failed: %s", what, row.attempt, error)
+            now = time.time()
+
+            def record_failure() -> list[QueuedStep] | None:
+                with ctx.metadata.transaction() as s:
+                    return dispatch.step_failed(
+                        s,
+                        row,
+                        attempt=row.attempt,
+                        error=error,
+                        traceback=tb,
+                        values=values,
+                        now=now,
+                    )
+
+            follow = call_with_backoff(
+                record_failure, what=f"{what}: record failure", policy=backoff
             )
-            with ctx.metadata.transaction() as s:
-                follow = dispatch.step_failed(
-                    s,
-                    row,
-                    attempt=row.attempt,
-                    error=error,
-                    traceback=tb,
-                    values=values,
-                    now=time.time(),
-                )
             return follow or []
         return _commit(step, row, produced, artifacts, values, ctx, written)
+    except InfrastructureError:
+        # The database stayed away for the whole budget: record nothing (it cannot be
+        # reached), keep what was written (a commit may have landed) and let the message
+        # go back to the broker; the redelivery takes the step over.
+        raise
     except BaseException as e:
         # Killed mid-step (SystemExit, KeyboardInterrupt) or the store failed: record it so
         # the run does not hang, then let it propagate.
@@ -99,18 +104,21 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
 def _claim(
     task: StepTask, ctx: WorkerContext
 ) -> tuple[StepSpec, Any, dict[tuple[str, str], Any], bytes | None, float] | None:
-    """Claim the attempt (one guarded, autocommitted UPDATE) and gather what running it needs:
-    the step spec, the claimed row, the input artifacts and, on first sight, the step code."""
+    """Claim the attempt (one guarded, autocommitted UPDATE, or a takeover of a dead attempt)
+    and gather what running it needs: the step spec, the claimed row, the input artifacts
+    and, on first sight, the step code."""
     spec_entry = dispatch.SPECS.cached(task.run_id)
     if spec_entry is None:
         with ctx.metadata.read() as s:
             spec_entry = dispatch.SPECS.get(s, task.run_id)
     step = spec_entry[1][task.invocation_id]
-    lease_s = lease_for(step, ctx.settings)
+    policy = ctx.settings.lease_policy()
+    lease_s = policy.lease_for(step.timeout_s)
+    pid, now = os.getpid(), time.time()
     with ctx.metadata.autocommit() as s:
-        row = q.claim(
-            s, task.step_run_id, host=ctx.host, pid=os.getpid(), lease_s=lease_s, now=time.time()
-        )
+        row = q.claim(s, task.step_run_id, host=ctx.host, pid=pid, lease_s=lease_s, now=now)
+        if row is None:
+            row = _redelivered(s, task, ctx, policy, lease_s, now)
     if row is None:
         return None
     produced = _carried_inputs(task)
@@ -123,6 +131,48 @@ def _claim(
             if step.code_hash not in ctx.code:
                 blob = q.get_code_blob(s, step.code_hash).pickled
     return step, row, produced, blob, lease_s
+
+
+def _redelivered(
+    s: Any, task: StepTask, ctx: WorkerContext, policy: LeasePolicy, lease_s: float, now: float
+) -> Any:
+    """A message for a step that is not queued: take it over if its attempt's process is
+    provably dead, fail it if that keeps happening, else drop the duplicate (None)."""
+    holder = q.holder(s, task.step_run_id)
+    decision = policy.on_redelivery(
+        holder,
+        host=ctx.host,
+        pid=os.getpid(),
+        running_here=ctx.leases.holds(task.step_run_id),
+        pid_alive=pid_alive,
+    )
+    if decision is Redelivery.DROP or holder is None:
+        return None
+    lost = f"attempt {holder.attempt} lost its worker process {holder.worker_pid} on {holder.worker_host}"
+    if decision is Redelivery.GIVE_UP:
+        log.error("run %s step %s: %s, out of attempts", task.run_id, task.invocation_id, lost)
+        with ctx.metadata.transaction() as tx:
+            dispatch.fail_lost_attempt(
+                tx,
+                task.step_run_id,
+                run_id=task.run_id,
+                invocation_id=task.invocation_id,
+                attempt=holder.attempt,
+                why=lost,
+                now=now,
+            )
+        return None
+    log.warning("run %s step %s: %s; taking it over", task.run_id, task.invocation_id, lost)
+    return q.take_over(
+        s,
+        task.step_run_id,
+        holder.attempt,
+        host=ctx.host,
+        pid=os.getpid(),
+        lease_s=lease_s,
+        now=now,
+        reason=lost,
+    )
 
 
 def _run(
@@ -141,10 +191,18 @@ def _run(
     started = time.time()
     artifacts: list[dict[str, Any]] = []
     error, tb = None, ""
+    backoff = ctx.settings.infra_backoff()
+    what = f"run {row.run_id} step {step.invocation_id}"
     with capture_logs() as logs:
         try:
             fn = ctx.function(step.code_hash, blob)
-            kwargs = _load_inputs(step, produced, ctx.artifacts)
+            # An unreachable S3 is retried with backoff here, under the infrastructure budget;
+            # what remains after it names S3 and fails the attempt like any other error.
+            kwargs = call_with_backoff(
+                lambda: _load_inputs(step, produced, ctx.artifacts),
+                what=f"{what}: load inputs",
+                policy=backoff,
+            )
             kwargs.update(step.parameters)
             log.info(
                 "run %s step %s attempt %d started on %s",
@@ -155,7 +213,14 @@ def _run(
             )
             result = fn(**kwargs)
             artifacts = _store_outputs(
-                step, result, row, row.attempt, ctx.artifacts, written, now=time.time()
+                step,
+                result,
+                row,
+                row.attempt,
+                ctx.artifacts,
+                written,
+                now=time.time(),
+                backoff=backoff,
             )
         except Exception as e:
             error, tb = _describe(e), traceback.format_exc()
@@ -177,17 +242,33 @@ def _commit(
         dispatch.lineage_edge(row.id, row.run_id, q.OUTPUT, a["name"], 0, a["id"])
         for a in artifacts
     ] + dispatch.input_edges(step, row.id, row.run_id, produced)
-    with ctx.metadata.transaction() as s:
-        follow = dispatch.step_succeeded(
-            s,
-            row,
-            attempt=row.attempt,
-            artifacts=artifacts,
-            edges=edges,
-            values=values,
-            window=ctx.settings.max_queued_per_run,
-            now=time.time(),
-        )
+    now = time.time()
+    tries = 0
+
+    def commit() -> list[QueuedStep] | None:
+        nonlocal tries
+        tries += 1
+        with ctx.metadata.transaction() as s:
+            follow = dispatch.step_succeeded(
+                s,
+                row,
+                attempt=row.attempt,
+                artifacts=artifacts,
+                edges=edges,
+                values=values,
+                window=ctx.settings.max_queued_per_run,
+                now=now,
+            )
+            if follow is None and tries > 1:
+                # The connection broke during an earlier try's COMMIT: it may have landed.
+                return dispatch.committed_earlier(s, row, attempt=row.attempt, now=now)
+            return follow
+
+    follow = call_with_backoff(
+        commit,
+        what=f"run {row.run_id} step {step.invocation_id}: commit",
+        policy=ctx.settings.infra_backoff(),
+    )
     if follow is None:
         log.info(
             "run %s step %s attempt %d lost its lease; discarding its outputs",
@@ -261,6 +342,7 @@ def _store_outputs(
     written: list[str],
     *,
     now: float,
+    backoff: Backoff,
 ) -> list[dict[str, Any]]:
     from zenml_workers.sdk.materializers.registry import (
         load_materializer,
@@ -276,10 +358,20 @@ def _store_outputs(
         # One folder per run; the attempt in the name keeps a re-run step from touching
         # what an earlier attempt wrote (artifacts are immutable).
         key = f"{row.run_id}/{step.invocation_id}.{attempt}.{spec.name}"
-        try:
+
+        def save(key: str = key, value: Any = value, cls: Any = cls) -> tuple[Any, Any]:
             with store.writer(key) as w:
                 meta = cls().save(value, cast(BinaryIO, w))
-        except MaterializerError:
+            return w, meta
+
+        try:
+            w, meta = call_with_backoff(
+                save,
+                what=f"run {row.run_id} step {step.invocation_id}: save {spec.name}",
+                policy=backoff,
+            )
+        except (MaterializerError, ArtifactStoreError):
+            # A store error names the store (S3 or the folder), not the materializer.
             raise
         except Exception as e:
             raise MaterializerError(

@@ -37,8 +37,10 @@ def worker_context(app: Celery) -> WorkerContext:
 
 def register(app: Celery) -> None:
     from celery import signals
+    from celery.exceptions import Reject
 
-    from zenml_workers.worker.celery_app import STEP_TASK, RunEvents, send_steps
+    from stores.errors import InfrastructureError
+    from zenml_workers.worker.celery_app import STEP_TASK, RunEvents, send_or_mark_unsent
 
     events = RunEvents(app.conf.zw_settings.broker_url or "")
 
@@ -53,14 +55,27 @@ def register(app: Celery) -> None:
     def run_step(self: Any, task: dict[str, Any]) -> None:
         from zenml_workers.worker.execute import execute_step
 
-        step_task = StepTask.decode(task)
+        try:
+            step_task = StepTask.decode(task)
+        except (KeyError, TypeError, ValueError) as e:
+            from zenml_workers.worker.broker import drop_step_task
+
+            # Returning acks it: no redelivery can turn a malformed message into a step.
+            drop_step_task(app.conf.zw_settings.broker_url, self.request, task, e, now=time.time())
+            return
         ctx = worker_context(app)
         if self.request.hostname:
             # The Celery node name (cpu@host, gpu@host) tells workers on one machine apart.
             ctx.host = self.request.hostname
-        follow = execute_step(step_task, ctx)
-        send_steps(app, follow)
-        if not follow:
+        try:
+            follow = execute_step(step_task, ctx)
+        except InfrastructureError as e:
+            # The database stayed unreachable for the whole retry budget: give the message
+            # back instead of acking it into oblivion; whoever takes it next takes over.
+            raise Reject(str(e), requeue=True) from e
+        if follow:
+            send_or_mark_unsent(app, ctx.metadata, follow)
+        else:
             # Only a step that queued nothing may have ended its run: wake the waiters.
             events.publish_idle(step_task.run_id, step=step_task.invocation_id)
 
@@ -70,6 +85,9 @@ def register(app: Celery) -> None:
     def _after_setup(sender: str, instance: Any, **_: Any) -> None:
         if instance.app is not app:
             return
+        # Before this worker consumes anything: leases recorded under its node name before
+        # this moment belong to an earlier process of the same name, which is gone.
+        state["booted_at"] = time.time()
         queues = sorted(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
         state["name"], state["queues"] = sender, queues
         if GPU_QUEUE in queues:
@@ -79,7 +97,7 @@ def register(app: Celery) -> None:
     def _ready(sender: Any, **_: Any) -> None:
         if sender.app is not app or "name" not in state:
             return
-        beat = WorkerHeartbeat(app, state["name"], state["queues"])
+        beat = WorkerHeartbeat(app, state["name"], state["queues"], booted_at=state["booted_at"])
         state["heartbeat"] = beat
         beat.start()
 
@@ -139,15 +157,29 @@ class WorkerHeartbeat:
     Lets ``wait()`` tell users when their steps sit on a queue nobody consumes.
     """
 
-    def __init__(self, app: Celery, name: str, queues: list[str]) -> None:
+    def __init__(self, app: Celery, name: str, queues: list[str], *, booted_at: float) -> None:
         self.app = app
         self.name = name
         self.queues = queues
+        self.booted_at = booted_at
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="zw-heartbeat", daemon=True)
 
     def start(self) -> None:
-        self._beat()
+        from stores.metadata import queries as q
+
+        try:
+            with worker_context(self.app).metadata.transaction() as s:
+                n = q.expire_leases_held_by(
+                    s, [self.name], time.time(), started_before=self.booted_at
+                )
+            if n:
+                log.warning(
+                    "worker %s restarted: expired %d lease(s) of its previous process", self.name, n
+                )
+            self._beat()
+        except Exception:  # the loop retries; recovery still has the worker TTL
+            log.warning("worker %s could not write its first heartbeat", self.name, exc_info=True)
         self._thread.start()
 
     def stop(self) -> None:

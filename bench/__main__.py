@@ -38,10 +38,13 @@ NAMES = (
     "cluster-chain",
     "fanout",
     "planning",
+    "faults",
     "profile",
+    "chaos",
 )
-#: What a plain ``python -m bench`` runs: everything but the traced-worker profile.
-DEFAULT = tuple(n for n in NAMES if n != "profile")
+#: What a plain ``python -m bench`` runs: everything but the traced-worker profile and the
+#: five-minute chaos run.
+DEFAULT = tuple(n for n in NAMES if n not in ("profile", "chaos"))
 GROUPS = {
     "embedded": ("chain", "fan", "cached", "import"),
     "cluster": ("raw", "cluster-chain", "fanout"),
@@ -73,6 +76,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary folder (logs, databases)"
+    )
+    parser.add_argument(
+        "--chaos-s", type=float, default=300.0, help="length of the chaos run (seconds)"
     )
     args = parser.parse_args(argv)
     selected: list[str] = []
@@ -285,6 +291,19 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.artifacts import bench_s3
 
                 lab.run("s3", lambda: bench_s3(workdir, s3_mib * 1024 * 1024))
+            if "faults" in args.selected:
+                from bench.faults import bench_faults
+
+                lab.run(
+                    "faults",
+                    lambda: bench_faults(
+                        workdir, profiles=("default",) if args.quick else ("default", "short")
+                    ),
+                )
+            if "chaos" in args.selected:
+                from bench.chaos import run_chaos
+
+                lab.run("chaos", lambda: run_chaos(workdir / "chaos", duration_s=args.chaos_s))
         finally:
             lab.close()
     total = time.perf_counter() - started

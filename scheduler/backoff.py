@@ -43,6 +43,14 @@ class Backoff:
             retry += 1
 
 
+def retry_delay_s(attempt: int, base_s: float, rng: Callable[[], float] = random.random) -> float:
+    """Seconds before retry ``attempt`` (1 after the first failure) of a step that raised:
+    ``base_s`` doubling per attempt up to 60 s, jittered between half and all of it, so
+    a step that fails on a busy dependency does not hammer it. 0 when ``base_s`` is 0."""
+    bound = min(60.0, base_s * 2 ** max(0, attempt - 1))
+    return bound * (0.5 + 0.5 * rng())
+
+
 def call_with_backoff(
     fn: Callable[[], T],
     *,

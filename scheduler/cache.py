@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from zenml_workers.specs import StepSpec, canonical_json
+from scheduler.specs import StepSpec, canonical_json
 
 CACHE_KEY_VERSION = 1
 

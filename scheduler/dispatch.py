@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from scheduler import cache
+from scheduler.specs import PipelineSpec, StepSpec, StepTask
 from stores.metadata import queries as q
 from stores.metadata.models import RunRow
 from stores.metadata.states import UNSTARTED, Move, RunStatus, StepStatus
-from zenml_workers.specs import PipelineSpec, StepSpec, StepTask
 
 DEFAULT_WINDOW = 64
 
@@ -41,6 +41,8 @@ class QueuedStep:
     step_name: str
     #: The step's ``timeout_s``: the broker's workers stop it after that long.
     timeout_s: float | None = None
+    #: Start it no sooner than this many seconds from now (a retry backing off).
+    delay_s: float = 0.0
 
 
 class SpecCache:
@@ -440,11 +442,12 @@ def step_failed(
     values: dict[str, Any],
     now: float,
     retry_allowed: bool = True,
+    retry_delay_s: float = 0.0,
 ) -> list[QueuedStep] | None:
     """Record a failed attempt: requeue it while attempts remain, else fail the run.
 
-    Returns the retry task to send, ``[]`` when the run failed, None when the
-    attempt had lost its lease.
+    Returns the retry task to send (to start after ``retry_delay_s``), ``[]`` when the run
+    failed, None when the attempt had lost its lease.
     """
     if retry_allowed and attempt < row.max_attempts:
         task_id = q.task_id(row.id, attempt + 1)
@@ -463,7 +466,7 @@ def step_failed(
         retry = q.QueuedRow(
             row.id, row.run_id, row.invocation_id, row.step_name, row.queue, task_id
         )
-        return [queued_step(s, retry)]
+        return [replace(queued_step(s, retry), delay_s=retry_delay_s)]
     if not q.finish_attempt(
         s,
         row.id,

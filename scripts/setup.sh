@@ -2,8 +2,8 @@
 # Prepare a fresh Debian machine for `make demo`, `make test` and `make bench`.
 #
 # Usage: scripts/setup.sh [--demo | --no-services]
-#   (default)      system services (redis-server, postgresql, docker-compose, iproute2, util-linux)
-#                  + .venv with [ml,test]
+#   (default)      system services (redis-server, postgresql, docker-compose) and network tools
+#                  (iproute2, util-linux, hostname) + .venv with [ml,test]
 #   --no-services  only the virtualenv with [ml,test] (unit tests, lint)
 #   --demo         only the virtualenv with [numpy,pandas] (the quickstart's needs); no servers
 # Environment: ZW_SETUP_PROFILE=full|no-services|demo (same as the flags), ZW_VENV (default .venv),
@@ -51,9 +51,10 @@ if [ "$profile" = full ]; then
     command -v redis-server >/dev/null 2>&1 || apt_missing+=(redis-server)
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || apt_missing+=(postgresql)
     command -v docker-compose >/dev/null 2>&1 || apt_missing+=(docker-compose)
-    # `ip` and `unshare` build the network namespaces of the multi-host and partition tests.
+    # `ip`, `unshare` and `hostname` build the "hosts" of the multi-host and partition tests.
     command -v ip >/dev/null 2>&1 || apt_missing+=(iproute2)
     command -v unshare >/dev/null 2>&1 || apt_missing+=(util-linux)
+    command -v hostname >/dev/null 2>&1 || apt_missing+=(hostname)
 fi
 
 if [ "${#apt_missing[@]}" -gt 0 ]; then

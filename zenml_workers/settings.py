@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     #: How long a worker retries an unreachable metadata store, S3 or broker (with backoff)
     #: before it gives a step message back to the broker.
     infra_retry_budget_s: float = 600.0
+    #: A step's retry waits this long after its first failure, doubling each time (up to 60 s,
+    #: jittered); 0 retries at once.
+    retry_delay_s: float = 1.0
     #: A queued step not claimed for this long is sent again (duplicates are dropped at claim time).
     requeue_queued_after_s: float = 600.0
     #: Broker visibility timeout; longer than the longest step.

@@ -148,3 +148,56 @@ def test_fault_same_task_delivered_three_times_runs_once(
 
     assert run.status == "completed"
     _assert_clean(cluster, run.id, tmp_path, reran=set())
+
+
+CLIENT = """
+import sys
+from pathlib import Path
+from tests.pipelines import faults as pl
+from zenml_workers import submit
+root, n = Path(sys.argv[1]), int(sys.argv[2])
+handles = []
+for i in range(n):
+    d = root / f"run{i}"
+    d.mkdir(parents=True)
+    (d / "release-h").touch()
+    handles.append((d, submit(pl.diamond, marker_dir=str(d), seed=i)))
+for d, h in handles:
+    run = h.wait(timeout_s=240, progress=False)
+    print("RUN", d, run.id, run.status, run.steps["join"].output.load())
+"""
+
+
+def test_fault_storm_of_runs_from_four_clients_is_committed_once(
+    cluster: FaultCluster, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.services.process import REPO_ROOT, service_env
+
+    cluster.start_scheduler()
+    cluster.start_worker("cpu@a", concurrency=2)
+    cluster.start_worker("solo@b", pool="solo")
+    clients = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLIENT, str(tmp_path / f"client{c}"), "5"],
+            env=service_env(cluster.env, drop_prefixes=("ZW_",)),
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for c in range(4)
+    ]
+    results = [c.communicate(timeout=300) for c in clients]
+
+    assert all(c.returncode == 0 for c in clients), [err[-2000:] for _, err in results]
+    runs = [
+        line.split() for out, _ in results for line in out.splitlines() if line.startswith("RUN")
+    ]
+    assert len(runs) == 20
+    for _, marker, run_id, status, total in runs:
+        seed = int(Path(marker).name.removeprefix("run"))
+        assert (status, int(total)) == ("completed", pl.diamond_total(seed))
+        _assert_clean(cluster, run_id, Path(marker), reran=set())

@@ -13,11 +13,11 @@ from sqlalchemy import func, select
 
 from scheduler import dispatch
 from scheduler.recovery import RecoveryPolicy, recover
+from scheduler.specs import InputRef, InputSpec, OutputSpec, PipelineSpec, StepSpec
 from stores.errors import MetadataStoreError, NotFoundError
 from stores.metadata import queries as q
 from stores.metadata.models import ArtifactRow, LineageRow, RunRow, StepRunRow
 from stores.metadata.store import HEAD_REVISION, MetadataStore
-from zenml_workers.specs import InputRef, InputSpec, OutputSpec, PipelineSpec, StepSpec
 
 NOW = 1_000_000.0
 JSON_MAT = "zenml_workers.sdk.materializers.builtins:JsonMaterializer"

@@ -8,6 +8,7 @@ until ``release-<tag>`` exists, which gives a test a step to kill, partition or 
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 from typing import Annotated
@@ -74,3 +75,22 @@ def on_edge(marker_dir: str, seed: int) -> Annotated[int, "value"]:
 def edge_only(marker_dir: str = "", seed: int = 1):
     """One step on the ``edge`` queue, which only the worker "on another VM" consumes."""
     on_edge(marker_dir, seed)
+
+
+@step(enable_cache=False)
+def nap(marker_dir: str, v: int, k: int) -> Annotated[int, "part"]:
+    """Sleeps a random 0.2-2 s (so a run stays in flight a few seconds), returns ``v * k``."""
+    record(marker_dir, f"nap_{k}")
+    time.sleep(random.uniform(0.2, 2.0))
+    return v * k
+
+
+@pipeline(enable_cache=False)
+def fan(marker_dir: str = "", seed: int = 1, width: int = 6):
+    """source -> ``width`` naps side by side -> join; the total is ``seed * sum(1..width)``."""
+    v = source(marker_dir, seed)
+    join(marker_dir, [nap(marker_dir, v, k) for k in range(1, width + 1)])
+
+
+def fan_total(seed: int, width: int = 6) -> int:
+    return seed * sum(range(1, width + 1))

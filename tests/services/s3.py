@@ -321,9 +321,10 @@ def start_seaweedfs(
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
-            # A restarted master resumes its Raft state and waits this long for an election
-            # (10 s by default) before the volume server and filer can register again.
-            "-master.electionTimeout=1s",
+            # A master that resumes its Raft state after a restart often keeps the volume
+            # server and filer from registering for 5-20 s. Without it (the default of a
+            # plain `weed master`) it rebuilds the topology from their heartbeats in ~1 s.
+            "-master.resumeState=false",
         ]
         process = ServiceProcess(
             "weed",

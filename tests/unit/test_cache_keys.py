@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from scheduler.cache import CACHE_KEY_VERSION, cache_key, explain, ingredients
+from scheduler.specs import InputRef, InputSpec, OutputSpec, StepSpec
 from tests.pipelines import basic, edited_v1, edited_v2
-from zenml_workers.specs import InputRef, InputSpec, OutputSpec, StepSpec
 
 HASH_A = "sha256:" + "a" * 64
 HASH_B = "sha256:" + "b" * 64

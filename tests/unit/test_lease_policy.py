@@ -150,3 +150,11 @@ def test_backoff_does_not_retry_other_errors() -> None:
     with pytest.raises(MetadataStoreError):
         call_with_backoff(broken, what="t", policy=Backoff(), sleep=lambda _d: None)
     assert calls == [1]
+
+
+def test_backoff_step_retry_delay_doubles_with_jitter_and_caps() -> None:
+    from scheduler.backoff import retry_delay_s
+
+    assert [retry_delay_s(n, 1.0, rng=lambda: 1.0) for n in (1, 2, 3, 7, 8)] == [1, 2, 4, 60, 60]
+    assert retry_delay_s(1, 1.0, rng=lambda: 0.0) == 0.5
+    assert retry_delay_s(3, 0.0) == 0.0

@@ -9,13 +9,13 @@ from typing import Annotated, Any, Literal, Optional
 
 import pytest
 
+from scheduler.specs import InputRef, InputSpec, PipelineSpec
 from tests.pipelines import basic
 from zenml_workers.errors import DefinitionError, PipelineDefinitionError
 from zenml_workers.sdk.graph import StepOutput, StepOutputs, current_build
 from zenml_workers.sdk.pipeline import BuiltPipeline, Pipeline, pipeline
 from zenml_workers.sdk.resources import Resources, ResourceSettings
 from zenml_workers.sdk.step import step, trainer
-from zenml_workers.specs import InputRef, InputSpec, PipelineSpec
 
 
 class Animal:

@@ -14,13 +14,14 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 import traceback
 from multiprocessing.connection import wait as wait_for
 from typing import Any
 
 from scheduler.dispatch import QueuedStep
+from scheduler.specs import StepTask
 from zenml_workers.settings import Settings
-from zenml_workers.specs import StepTask
 
 log = logging.getLogger("zenml_workers.local")
 
@@ -35,12 +36,16 @@ def _child_main(settings_json: str, tasks: Any, results: Any) -> None:
         item = tasks.get()
         if item is None:
             return
-        run_id, task = item
+        run_id, task, delay_s = item
         try:
+            if delay_s > 0:  # a retry backing off
+                time.sleep(delay_s)
             follow = execute_step(StepTask.decode(task), ctx)
             # A lone follow-up (a chain) runs right here; several go back on the queue
             # so that every process can take one.
             while len(follow) == 1:
+                if follow[0].delay_s > 0:
+                    time.sleep(follow[0].delay_s)
                 follow = execute_step(follow[0].task, ctx)
         except (
             BaseException
@@ -52,7 +57,7 @@ def _child_main(settings_json: str, tasks: Any, results: Any) -> None:
         # Report before enqueueing: the parent must count the new tasks before any can finish.
         results.put(("done", run_id, len(follow)))
         for f in follow:
-            tasks.put((run_id, f.task.encode()))
+            tasks.put((run_id, f.task.encode(), f.delay_s))
 
 
 class RunTracker:
@@ -117,7 +122,7 @@ class LocalPool:
             tracker.outstanding += len(queued)
             tasks = self._tasks
         for q in queued:
-            tasks.put((tracker.run_id, q.task.encode()))
+            tasks.put((tracker.run_id, q.task.encode(), q.delay_s))
 
     def _read_results(self, results: Any, procs: list[Any]) -> None:
         sentinels = [p.sentinel for p in procs]

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from scheduler.specs import PipelineSpec
 from zenml_workers.errors import NotFoundError
 from zenml_workers.sdk.stack import Stack, get_stack
-from zenml_workers.specs import PipelineSpec
 
 if TYPE_CHECKING:
     from zenml_workers.settings import Settings

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, get_args, get_origin
 
+from scheduler.specs import InputRef, InputSpec, StepSpec, canonical_json
 from zenml_workers.errors import PipelineDefinitionError
 from zenml_workers.sdk.annotations import (
     admits_none,
@@ -28,7 +29,6 @@ from zenml_workers.sdk.annotations import (
     value_matches,
 )
 from zenml_workers.sdk.resources import resolve_queue, settings_to_json
-from zenml_workers.specs import InputRef, InputSpec, StepSpec, canonical_json
 
 if TYPE_CHECKING:
     from zenml_workers.sdk.source import CodeBlob

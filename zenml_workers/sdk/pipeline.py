@@ -16,13 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, overload
 
+from scheduler.specs import PipelineSpec, canonical_json
 from zenml_workers.errors import PipelineDefinitionError
 from zenml_workers.sdk.annotations import admits_none, describe_type, value_matches
 from zenml_workers.sdk.graph import BuildContext, build_context, current_build
 from zenml_workers.sdk.resources import settings_to_json
 from zenml_workers.sdk.source import CodeBlob
 from zenml_workers.sdk.step import type_hints_of
-from zenml_workers.specs import PipelineSpec, canonical_json
 
 __all__ = ["BuiltPipeline", "Pipeline", "PipelineConfig", "pipeline"]
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from zenml_workers.specs import DEFAULT_QUEUE, GPU_QUEUE, canonical_json
+from scheduler.specs import DEFAULT_QUEUE, GPU_QUEUE, canonical_json
 
 __all__ = [
     "ResourceSettings",

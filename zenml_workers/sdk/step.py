@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, TypeVar, get_args, get_origin, overload
 
+from scheduler.specs import OutputSpec
 from zenml_workers.errors import StepDefinitionError
 from zenml_workers.sdk.graph import StepOutput, StepOutputs, current_build
 from zenml_workers.sdk.resources import Resources, resolve_queue, settings_to_json
 from zenml_workers.sdk.source import CodeBlob, code_blob, function_source, source_hash
-from zenml_workers.specs import OutputSpec
 
 __all__ = ["Step", "StepConfig", "StepOutput", "StepOutputs", "step", "trainer"]
 

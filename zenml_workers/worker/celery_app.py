@@ -91,6 +91,8 @@ def send_steps(app: Celery, queued: Sequence[QueuedStep]) -> None:
                 # The step gets SoftTimeLimitExceeded (recorded as its failure, retried if it
                 # has retries); a step that ignores it is killed a little later.
                 limits = {"soft_time_limit": q.timeout_s, "time_limit": q.timeout_s + 30}
+            if q.delay_s > 0:
+                limits["countdown"] = q.delay_s
             app.send_task(
                 STEP_TASK,
                 kwargs={"task": q.task.encode()},

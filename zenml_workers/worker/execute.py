@@ -15,14 +15,14 @@ import traceback
 from typing import Any, BinaryIO, cast
 
 from scheduler import dispatch
-from scheduler.backoff import Backoff, call_with_backoff
+from scheduler.backoff import Backoff, call_with_backoff, retry_delay_s
 from scheduler.dispatch import QueuedStep
 from scheduler.lease import LeasePolicy, Redelivery
+from scheduler.specs import StepSpec, StepTask
 from stores.artifacts import ArtifactStore
 from stores.errors import ArtifactStoreError, InfrastructureError
 from stores.metadata import queries as q
 from zenml_workers.errors import MaterializerError
-from zenml_workers.specs import StepSpec, StepTask
 from zenml_workers.worker.context import WorkerContext, pid_alive
 from zenml_workers.worker.logcapture import capture_logs
 
@@ -67,6 +67,7 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
                         traceback=tb,
                         values=values,
                         now=now,
+                        retry_delay_s=retry_delay_s(row.attempt, ctx.settings.retry_delay_s),
                     )
 
             follow = call_with_backoff(

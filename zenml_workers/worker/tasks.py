@@ -11,7 +11,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from zenml_workers.specs import GPU_QUEUE, StepTask
+from scheduler.specs import GPU_QUEUE, StepTask
 
 if TYPE_CHECKING:
     from celery import Celery

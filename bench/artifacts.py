@@ -2,7 +2,10 @@
 
 Each transfer runs in its own child process (:mod:`bench.transfer`) so that
 its peak RSS is its own. Writes go first (ours, then raw), then reads of the
-objects just written, all against one ``weed mini`` started here.
+objects just written, all against one ``weed mini`` started here. Our read runs
+unverified and verified (every byte hashed against the recorded sha256, as workers
+and ``ArtifactView.load`` do) in the order plain, verified, verified, plain, so that a
+server cache warming up favours neither; ``s3.read_verified`` compares their means.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.report import Result, progress
+from bench.report import Result, median, progress
 from bench.services import REPO_ROOT, S3Server, service_env, start_seaweedfs
 
 __all__ = ["bench_s3"]
@@ -21,13 +24,21 @@ __all__ = ["bench_s3"]
 MIB = 1024 * 1024
 
 
-def _child(s3: S3Server, bucket: str, variant: str, key: str, size_bytes: int) -> dict[str, Any]:
+def _child(
+    s3: S3Server,
+    bucket: str,
+    variant: str,
+    key: str,
+    size_bytes: int,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     env = service_env(
         {
             "BENCH_S3_ENDPOINT": s3.endpoint_url,
             "BENCH_S3_KEY": s3.access_key_id,
             "BENCH_S3_SECRET": s3.secret_access_key,
             "BENCH_S3_BUCKET": bucket,
+            **(extra_env or {}),
         }
     )
     done = subprocess.run(
@@ -58,15 +69,23 @@ def bench_s3(workdir: Path, size_bytes: int) -> list[Result]:
         bucket = s3.make_bucket("zw-bench")
         progress(f"SeaweedFS up at {s3.endpoint_url}; moving {size_bytes / MIB:.0f} MiB each way")
         runs = {
-            variant: _child(
-                s3, bucket, variant, "ours" if variant.startswith("ours") else "raw", size_bytes
-            )
-            for variant in ("ours-write", "raw-write", "ours-read", "raw-read")
+            variant: _child(s3, bucket, variant, variant.split("-")[0], size_bytes)
+            for variant in ("ours-write", "raw-write")
         }
+        expected = {
+            "BENCH_EXPECTED_HASH": runs["ours-write"]["content_hash"],
+            "BENCH_EXPECTED_SIZE": str(runs["ours-write"]["stored_bytes"]),
+        }
+        reads: dict[str, list[dict[str, Any]]] = {"ours-read": [], "ours-read-verified": []}
+        for variant in ("ours-read", "ours-read-verified", "ours-read-verified", "ours-read"):
+            reads[variant].append(_child(s3, bucket, variant, "ours", size_bytes, expected))
+        runs["ours-read"] = reads["ours-read"][0]  # s3.read: the first read, as before
+        runs["raw-read"] = _child(s3, bucket, "raw-read", "raw", size_bytes)
     finally:
         s3.stop()
-    crcs = {v: r["crc32"] for v, r in runs.items()}
-    if len(set(crcs.values())) != 1:
+    samples = [*runs.values(), *reads["ours-read"], *reads["ours-read-verified"]]
+    crcs = {r["variant"]: r["crc32"] for r in samples}
+    if len({r["crc32"] for r in samples}) != 1:
         raise RuntimeError(f"S3 round trip corrupted the data (crc32 per variant: {crcs})")
     results = []
     for op in ("write", "read"):
@@ -122,4 +141,54 @@ def bench_s3(workdir: Path, size_bytes: int) -> list[Result]:
                 },
             )
         )
+    results.append(_verification_result(reads, size_bytes))
     return results
+
+
+def _sha256_mib_per_s() -> float:
+    """In-memory sha256 throughput of this machine, to tell hashing from I/O in the figures."""
+    import hashlib
+    import time
+
+    block = bytes(range(256)) * (256 * 1024)  # 64 MiB
+    started = time.perf_counter()
+    hashlib.sha256(block).digest()
+    return len(block) / MIB / (time.perf_counter() - started)
+
+
+def _verification_result(reads: dict[str, list[dict[str, Any]]], size_bytes: int) -> Result:
+    plain = [r["seconds"] for r in reads["ours-read"]]
+    verified = [r["seconds"] for r in reads["ours-read-verified"]]
+    plain_s, verified_s = median(plain), median(verified)
+    hash_mib_per_s = _sha256_mib_per_s()
+    progress(
+        f"  verification: {verified_s:.2f} s verified vs {plain_s:.2f} s plain "
+        f"(+{(verified_s / plain_s - 1) * 100:.0f}%); sha256 alone {hash_mib_per_s:.0f} MiB/s here"
+    )
+    return Result(
+        name="s3.read_verified",
+        description=(
+            f"{size_bytes / MIB:.0f} MiB numpy array read through S3ArtifactStore.verified_reader "
+            "+ NumpyMaterializer (sha256 of every byte checked against the recorded hash, as "
+            "workers and ArtifactView.load do) vs the same read unverified; order plain, "
+            "verified, verified, plain, mean of two each, each in a fresh process"
+        ),
+        unit="s",
+        value=verified_s,
+        baseline=plain_s,
+        baseline_source="unverified read through S3ArtifactStore.reader, this run",
+        ratio=verified_s / plain_s,
+        ratio_meaning="verified / unverified",
+        raw={
+            "size_bytes": size_bytes,
+            "verified_seconds": verified,
+            "plain_seconds": plain,
+            "verified_mib_per_s": size_bytes / MIB / verified_s,
+            "plain_mib_per_s": size_bytes / MIB / plain_s,
+            "sha256_in_memory_mib_per_s": hash_mib_per_s,
+            "verified_extra_peak_bytes": [
+                r["extra_peak_bytes"] for r in reads["ours-read-verified"]
+            ],
+            "plain_extra_peak_bytes": [r["extra_peak_bytes"] for r in reads["ours-read"]],
+        },
+    )

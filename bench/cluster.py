@@ -19,6 +19,7 @@ from typing import Any
 from bench.embedded import Seeds, run_timed
 from bench.report import Result, median, progress
 from bench.services import start_celery_worker, start_redis
+from tests.services.process import TEST_SECRET_KEY
 
 __all__ = [
     "Cluster",
@@ -78,11 +79,14 @@ def cluster(
             "ZW_METADATA_URL": metadata_url,
             "ZW_ARTIFACT_URI": str(artifacts),
             "ZW_QUEUES": "cpu,gpu",
+            # Signed messages, as every cluster runs them: the bench measures their cost too.
+            "ZW_SECRET_KEY": TEST_SECRET_KEY,
             **(extra_env or {}),
         }
         settings = load_settings(
             home=home,
             broker_url=broker_url,
+            secret_key=TEST_SECRET_KEY,
             metadata_url=metadata_url,
             artifact_uri=str(artifacts),
             queues=["cpu", "gpu"],

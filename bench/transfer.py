@@ -9,6 +9,8 @@ Variants:
     ours-write: NumpyMaterializer.save into S3ArtifactStore.writer (8 MiB parts, sequential).
     raw-write:  boto3 upload_fileobj of the same bytes (8 MiB parts, boto3's 10 threads).
     ours-read:  S3ArtifactStore.reader + NumpyMaterializer.load into a new array.
+    ours-read-verified: the same through S3ArtifactStore.verified_reader, which hashes every
+                byte against ``BENCH_EXPECTED_HASH`` (and ``BENCH_EXPECTED_SIZE``), as workers do.
     raw-read:   boto3 download_fileobj into a preallocated buffer (8 MiB parts, 10 threads).
 
 The server comes from ``BENCH_S3_ENDPOINT``, ``BENCH_S3_KEY``, ``BENCH_S3_SECRET`` and
@@ -29,7 +31,7 @@ from typing import Any
 __all__ = ["PART_SIZE_BYTES", "VARIANTS", "make_array", "main"]
 
 PART_SIZE_BYTES = 8 * 1024 * 1024
-VARIANTS = ("ours-write", "raw-write", "ours-read", "raw-read")
+VARIANTS = ("ours-write", "raw-write", "ours-read", "ours-read-verified", "raw-read")
 _BLOCK_BYTES = 16 * 1024 * 1024
 
 
@@ -143,6 +145,7 @@ def run(variant: str, key: str, size_bytes: int) -> dict[str, Any]:
                 NumpyMaterializer().save(arr, writer)
             assert writer.result is not None
             out["stored_bytes"] = writer.result.size_bytes
+            out["content_hash"] = writer.result.content_hash
         else:
             client.upload_fileobj(
                 io.BufferedReader(
@@ -160,6 +163,16 @@ def run(variant: str, key: str, size_bytes: int) -> dict[str, Any]:
         started = time.perf_counter()
         if variant == "ours-read":
             with store.reader(f"s3://{bucket}/{object_key}") as fp:
+                loaded = NumpyMaterializer().load(fp, np.ndarray)
+            out["seconds"] = time.perf_counter() - started
+            out["result_bytes"] = int(loaded.nbytes)
+            out["crc32"] = zlib.crc32(loaded)
+        elif variant == "ours-read-verified":
+            with store.verified_reader(
+                f"s3://{bucket}/{object_key}",
+                expected_hash=os.environ["BENCH_EXPECTED_HASH"],
+                expected_size_bytes=int(os.environ["BENCH_EXPECTED_SIZE"]),
+            ) as fp:
                 loaded = NumpyMaterializer().load(fp, np.ndarray)
             out["seconds"] = time.perf_counter() - started
             out["result_bytes"] = int(loaded.nbytes)

@@ -456,7 +456,8 @@ def step_failed(
             row.id,
             attempt,
             Move.RETRY,
-            queued_at=now,
+            # Its clock starts when it may start: recovery must not resend it while it waits.
+            queued_at=now + retry_delay_s,
             task_id=task_id,
             exception=error,
             traceback=traceback,

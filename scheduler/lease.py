@@ -13,9 +13,13 @@ recorded state and ``now`` (tested without sleeping):
   every lease recorded for that node before it booted belongs to a dead process;
 - **the broker redelivers the message** (Celery requeues the task of a pool child
   that died): the worker receiving it takes the step over at once when the lease
-  holder is provably dead (same node, process gone), else drops the duplicate.
+  holder is provably dead (same node, process gone), else drops the duplicate;
+- **a pool child died but the redelivery went elsewhere**: the dead child's own worker
+  (its main process, which outlives its children) expires, at its next heartbeat, the
+  leases recorded under its node for processes that are no longer its children.
 
-A lost worker costs an attempt, but every step gets at least one redelivery.
+A lost worker costs an attempt; a step survives ``lost_workers_tolerated`` losses on top
+of its own attempts, so worker deaths never use up the retries meant for its exceptions.
 """
 
 from __future__ import annotations
@@ -61,10 +65,22 @@ class LeasePolicy:
     def expired(self, lease_expires_at: float | None, now: float) -> bool:
         return lease_expires_at is not None and lease_expires_at <= now
 
+    #: Worker losses a step survives on top of its own attempts (a preempted VM, an OOM kill,
+    #: a partition): each costs an attempt, but never one of the step's ``retries``.
+    lost_workers_tolerated: int = 2
+
+    def attempts_after_lost_worker(self, max_attempts: int) -> int:
+        """Attempts a step may use when its workers keep dying: its own plus the tolerance."""
+        return max_attempts + self.lost_workers_tolerated
+
     @staticmethod
-    def attempts_after_lost_worker(max_attempts: int) -> int:
-        """Attempts a step may use when its workers die: its own budget, but at least two."""
-        return max(max_attempts, 2)
+    def orphaned(
+        worker_pid: int | None, started_at: float | None, *, alive: set[int], seen_at: float
+    ) -> bool:
+        """Whether an attempt recorded under this worker's node belongs to a process that is
+        gone: not among the ``alive`` pids listed at ``seen_at``, and started before then (a
+        child forked after the listing may hold a claim it cannot be in)."""
+        return worker_pid not in alive and started_at is not None and started_at < seen_at
 
     def worker_gone(self, heartbeat_at: float, stopped: bool, now: float) -> bool:
         """Whether a worker's leases should be expired now: it said it stopped, or it has been

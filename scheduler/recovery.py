@@ -7,6 +7,7 @@ sleeping: write an expired lease, call :func:`recover` with a later ``now``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
@@ -30,6 +31,10 @@ class RecoveryPolicy:
     window: int = dispatch.DEFAULT_WINDOW
     #: Leases, heartbeats and the worker TTL.
     lease: LeasePolicy = field(default_factory=LeasePolicy)
+    #: A step queued for longer is looked for on the broker, and resent if its message is gone.
+    broker_check_after_s: float = 30.0
+    #: How often the scheduler looks.
+    broker_check_every_s: float = 15.0
 
 
 def recover(
@@ -39,6 +44,7 @@ def recover(
     policy: RecoveryPolicy,
     judge_heartbeats: bool = False,
     resend_all_queued: bool = False,
+    resend: Sequence[str] = (),
 ) -> list[QueuedStep]:
     """Expire the leases of silent workers, requeue expired leases, resend stale queued steps,
     top up windows and close finished runs.
@@ -48,6 +54,7 @@ def recover(
             heartbeat is older than the TTL gone (see ``LeasePolicy.may_judge_heartbeats``).
         resend_all_queued: the broker lost its queues (it restarted empty): send every
             queued step again now.
+        resend: step run ids whose message the broker lost (still queued ones are resent).
 
     Returns the tasks to send once the caller commits.
     """
@@ -90,7 +97,10 @@ def recover(
                 "run %s step %s: out of attempts after a lost worker", row.run_id, row.invocation_id
             )
     queued_before = now + 1 if resend_all_queued else now - policy.requeue_queued_after_s
-    for row in q.stale_queued(s, queued_before):
+    stale = {r.id: r for r in q.stale_queued(s, queued_before)}
+    if resend and not resend_all_queued:
+        stale.update((r.id, r) for r in q.queued_steps(s, resend))
+    for row in stale.values():
         q.touch_queued(s, row.id, now)
         log.warning(
             "run %s step %s: queued %s, sent again",

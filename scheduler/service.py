@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from scheduler.dispatch import QueuedStep
@@ -36,12 +36,54 @@ class BrokerWatch:
 
     KEY = "zw:broker-epoch"
 
-    def __init__(self, broker_url: str | None) -> None:
+    def __init__(
+        self, broker_url: str | None, ssl_options: Mapping[str, Any] | None = None
+    ) -> None:
         self.enabled = bool(broker_url) and broker_url.startswith(  # type: ignore[union-attr]
             ("redis://", "rediss://", "unix://")
         )
         self._url = broker_url or ""
+        #: redis-py's TLS arguments for a ``rediss://`` broker (CA and client certificate files).
+        self._ssl_options = dict(ssl_options or {})
         self._client: Any = None
+
+    def _redis(self) -> Any:
+        import redis
+
+        if self._client is None:
+            self._client = redis.Redis.from_url(
+                self._url, socket_timeout=5, socket_connect_timeout=5, **self._ssl_options
+            )
+        return self._client
+
+    def task_ids(self, queues: set[str]) -> set[str] | None:
+        """Ids of the step tasks waiting on ``queues``, or None when the broker cannot be read.
+
+        A step queued in SQL whose message is not waiting on its queue was delivered: a live
+        worker claims a delivered message within milliseconds (workers prefetch nothing
+        beyond what they run), so one still unclaimed after a while is with a worker that
+        died (kombu keeps it "unacked" for the visibility timeout, hours) or vanished with a
+        connection that broke mid-delivery. Either way it must be sent again.
+        """
+        import json
+
+        import redis
+
+        if not self.enabled:
+            return None
+        try:
+            client = self._redis()
+            raw = [m for q in sorted(queues) for m in client.lrange(q, 0, -1)]
+        except (redis.RedisError, OSError):
+            return None
+        ids = set()
+        for message in raw:
+            try:
+                payload = json.loads(message) if isinstance(message, bytes | str) else message
+                ids.add(str(payload["headers"]["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # garbage: the workers dead-letter it
+        return ids
 
     def lost_queues(self) -> bool | None:
         """True when the broker came back empty (the marker is set anew), False when it kept its
@@ -51,11 +93,7 @@ class BrokerWatch:
         import redis
 
         try:
-            if self._client is None:
-                self._client = redis.Redis.from_url(
-                    self._url, socket_timeout=5, socket_connect_timeout=5
-                )
-            return bool(self._client.set(self.KEY, uuid.uuid4().hex, nx=True))
+            return bool(self._redis().set(self.KEY, uuid.uuid4().hex, nx=True))
         except (redis.RedisError, OSError):
             return None
 
@@ -90,6 +128,7 @@ class SchedulerService:
         #: Since when every pass could read the store (None: the last one failed).
         self.watching_since: float | None = None
         self._resend_all = False
+        self._checked_broker_at = 0.0
         self._stop = threading.Event()
 
     def run_once(self, now: float | None = None) -> list[QueuedStep]:
@@ -104,6 +143,7 @@ class SchedulerService:
             log.warning("the broker lost its queues (restarted empty?); resending queued steps")
             self._resend_all = True
         try:
+            missing = self._missing_from_broker(now)
             with self.metadata.transaction() as s:
                 out = recover(
                     s,
@@ -113,6 +153,7 @@ class SchedulerService:
                         self.watching_since, now
                     ),
                     resend_all_queued=self._resend_all,
+                    resend=missing,
                 )
         except Exception:
             self.watching_since = None
@@ -123,6 +164,25 @@ class SchedulerService:
         self.send(out)
         self.flag_blocked_runs(now)
         return out
+
+    def _missing_from_broker(self, now: float) -> list[str]:
+        """Step runs queued in SQL for a while whose message the broker no longer has (looked
+        for every ``broker_check_every_s``)."""
+        policy = self.policy
+        if not self.broker.enabled or now - self._checked_broker_at < policy.broker_check_every_s:
+            return []
+        self._checked_broker_at = now
+        with self.metadata.read() as s:
+            waiting = q.stale_queued(s, now - policy.broker_check_after_s)
+        if not waiting:
+            return []
+        present = self.broker.task_ids({r.queue for r in waiting})
+        if present is None:
+            return []
+        gone = [r.id for r in waiting if r.task_id not in present]
+        if gone:
+            log.warning("%d queued step(s) are missing from the broker; resending", len(gone))
+        return gone
 
     def flag_blocked_runs(self, now: float) -> None:
         """Write a message on runs whose steps wait on a queue that no live worker consumes."""

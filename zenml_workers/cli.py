@@ -74,6 +74,9 @@ def worker(
             f"queue(s) {', '.join(unknown)} are not configured (known: {', '.join(settings.queues)}); "
             "fix --queues or add them to ZW_QUEUES"
         )
+    from zenml_workers.worker.signing import require_key
+
+    require_key(settings, "worker")
     if skip_gpu_check:
         os.environ["ZW_SKIP_GPU_CHECK"] = "1"
     gpu = "gpu" in names
@@ -169,16 +172,25 @@ def scheduler(ctx: click.Context, interval: float, once: bool) -> None:
     settings = _settings(ctx)
     if settings.is_embedded:
         raise click.UsageError("the scheduler serves a cluster; set ZW_BROKER_URL")
+    from zenml_workers.worker.signing import require_key
+
+    require_key(settings, "scheduler")
     app = create_app(settings)
-    metadata = MetadataStore(settings.resolved_metadata_url())
+    metadata = MetadataStore(
+        settings.resolved_metadata_url(), connect_args=settings.metadata_connect_args()
+    )
     service = SchedulerService(
         metadata,
         lambda queued: send_or_mark_unsent(app, metadata, queued),
         policy=RecoveryPolicy(
-            settings.requeue_queued_after_s, settings.max_queued_per_run, settings.lease_policy()
+            settings.requeue_queued_after_s,
+            settings.max_queued_per_run,
+            settings.lease_policy(),
+            broker_check_after_s=settings.broker_check_after_s,
+            broker_check_every_s=min(15.0, settings.broker_check_after_s / 2),
         ),
         interval_s=interval,
-        broker=BrokerWatch(settings.broker_url),
+        broker=BrokerWatch(settings.broker_url, settings.broker_ssl_options()),
     )
     if once:
         click.echo(f"sent {len(service.run_once())} step task(s)")
@@ -189,17 +201,108 @@ def scheduler(ctx: click.Context, interval: float, once: bool) -> None:
         service.stop()
 
 
+#: Addresses ``zw flower --unauthenticated`` may listen on: this machine only.
+_LOOPBACK_ADDRESSES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _pop_flower_option(args: Sequence[str], name: str) -> tuple[list[str], list[str]]:
+    """Split Flower option ``name`` (e.g. ``basic_auth``) out of ``args``.
+
+    Flower parses its options with tornado, which accepts ``--basic-auth=v``,
+    ``--basic_auth=v`` and single dashes alike. The two-token form ``--basic-auth v`` is
+    taken too. Returns the remaining arguments and the values found, in order.
+    """
+    wanted = name.replace("_", "-")
+    rest: list[str] = []
+    values: list[str] = []
+    it = iter(args)
+    for arg in it:
+        key, equals, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-") or key.replace("_", "-") != wanted:
+            rest.append(arg)
+        elif equals:
+            values.append(value)
+        else:
+            values.append(next(it, ""))
+    return rest, values
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--port", type=int, default=5555, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True)
+@click.option(
+    "--basic-auth",
+    envvar="FLOWER_BASIC_AUTH",
+    default=None,
+    metavar="USER:PASSWORD[,...]",
+    help="Log-in for the UI and the API (FLOWER_BASIC_AUTH, which keeps it out of shell history).",
+)
+@click.option(
+    "--unauthenticated",
+    is_flag=True,
+    help="Serve without a log-in, on 127.0.0.1 or localhost only (local experiments).",
+)
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def flower(ctx: click.Context, port: int, address: str, flower_args: tuple[str, ...]) -> None:
-    """Start Flower on the configured broker (extra arguments go to flower, e.g. --basic-auth=u:p)."""
+def flower(
+    ctx: click.Context,
+    port: int,
+    address: str,
+    basic_auth: str | None,
+    unauthenticated: bool,
+    flower_args: tuple[str, ...],
+) -> None:
+    """Start Flower on the configured broker, behind a log-in (extra arguments go to flower).
+
+    The broker URL and the log-in reach Flower through its environment (CELERY_BROKER_URL,
+    FLOWER_BASIC_AUTH), not its command line, which any local user can read with `ps`.
+    Flower's own OAuth (FLOWER_AUTH with FLOWER_AUTH_PROVIDER) counts as a log-in too.
+    """
     settings = _settings(ctx)
     if settings.is_embedded:
         raise click.UsageError("Flower watches a broker; set ZW_BROKER_URL")
-    os.execvp(
+    args, passed = _pop_flower_option(flower_args, "basic_auth")
+    basic_auth = ",".join(v for v in (basic_auth, *passed) if v) or None
+    args, addresses = _pop_flower_option(args, "address")
+    address = addresses[-1] if addresses else address
+    oauth = bool(os.environ.get("FLOWER_AUTH")) or any(
+        a.lstrip("-").partition("=")[0] == "auth" for a in args if a.startswith("-")
+    )
+    if unauthenticated and (basic_auth or oauth):
+        raise click.UsageError(
+            "--unauthenticated contradicts the log-in given (--basic-auth, FLOWER_BASIC_AUTH or "
+            "FLOWER_AUTH); drop one of them"
+        )
+    if unauthenticated and address not in _LOOPBACK_ADDRESSES:
+        raise click.UsageError(
+            f"--unauthenticated serves Flower without a log-in, so it listens only on 127.0.0.1 "
+            f"or localhost, not {address}; use --basic-auth USER:PASSWORD to listen there"
+        )
+    if not (unauthenticated or basic_auth or oauth):
+        raise click.UsageError(
+            "Flower would let anyone who reaches it see and control the workers; set "
+            "FLOWER_BASIC_AUTH=user:password (or pass --basic-auth USER:PASSWORD), or pass "
+            "--unauthenticated for a local experiment on 127.0.0.1"
+        )
+    if basic_auth and not all(
+        user and password
+        for user, _, password in (entry.partition(":") for entry in basic_auth.split(","))
+    ):
+        # The value is a password: say what is wrong with it, never echo it.
+        raise click.UsageError(
+            "--basic-auth / FLOWER_BASIC_AUTH must be USER:PASSWORD (several separated by "
+            "commas), each with a non-empty user and password"
+        )
+    broker_url = str(settings.broker_url)
+    # Celery reads CELERY_BROKER_URL over any configured broker (what `celery --broker` sets),
+    # and ZW_BROKER_URL builds the same app in the child: nothing secret goes in argv.
+    env = dict(os.environ, CELERY_BROKER_URL=broker_url, ZW_BROKER_URL=broker_url)
+    if ctx.obj.get("stack_file"):
+        env["ZW_STACK_FILE"] = str(ctx.obj["stack_file"])
+    if basic_auth:
+        env["FLOWER_BASIC_AUTH"] = basic_auth
+    # exec keeps the PID and replaces the command line, so `zw`'s own argv is gone too.
+    os.execvpe(
         sys.executable,
         [
             sys.executable,
@@ -207,12 +310,12 @@ def flower(ctx: click.Context, port: int, address: str, flower_args: tuple[str, 
             "celery",
             "-A",
             "zenml_workers.worker",
-            f"--broker={settings.broker_url}",
             "flower",
             f"--port={port}",
             f"--address={address}",
-            *flower_args,
+            *args,
         ],
+        env,
     )
 
 
@@ -339,7 +442,7 @@ def dead_letters(ctx: click.Context, limit: int, clear: bool) -> None:
             "set ZW_BROKER_URL to read a cluster's"
         )
         return
-    dead = DeadLetterList.from_url(settings.broker_url)
+    dead = DeadLetterList.from_url(settings.broker_url, settings.broker_ssl_options())
     try:
         letters = dead.newest(limit)
         if not letters:

@@ -7,6 +7,7 @@ execution, configuration, stores) has its own root beneath it.
 from __future__ import annotations
 
 from stores.errors import (
+    ArtifactIntegrityError,
     ArtifactNotFoundError,
     ArtifactStoreCredentialsError,
     ArtifactStoreError,
@@ -20,11 +21,13 @@ from stores.errors import (
 )
 
 __all__ = [
+    "ArtifactIntegrityError",
     "ArtifactNotFoundError",
     "ArtifactStoreCredentialsError",
     "ArtifactStoreError",
     "ArtifactStoreUnavailableError",
     "BrokerUnavailableError",
+    "CodeIntegrityError",
     "ConfigurationError",
     "DefinitionError",
     "ExecutionError",
@@ -41,6 +44,7 @@ __all__ = [
     "StepDefinitionError",
     "StepFailedError",
     "StoreError",
+    "UntrustedInputError",
     "ZenMLWorkersError",
 ]
 
@@ -101,3 +105,12 @@ class NoWorkerForQueueError(ExecutionError):
 
 class BrokerUnavailableError(InfrastructureError):
     """Raised when the broker (Redis) cannot be reached to send or receive step tasks."""
+
+
+class CodeIntegrityError(ExecutionError):
+    """Raised when a step's code blob does not hash to the ``code_hash`` its run recorded."""
+
+
+class UntrustedInputError(ExecutionError):
+    """Raised when a step message names an artifact outside the stack's artifact store or a
+    materializer that is neither registered nor in an allowed module."""

@@ -11,9 +11,17 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from scheduler.backoff import Backoff
@@ -38,7 +46,7 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     s3_endpoint_url: str | None = None
     s3_access_key_id: str | None = None
-    s3_secret_access_key: str | None = None
+    s3_secret_access_key: SecretStr | None = None
     s3_region: str | None = None
     #: Queues a step may name; a step naming another one is refused at submit time.
     queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["cpu", "gpu"])
@@ -58,15 +66,49 @@ class Settings(BaseSettings):
     #: A step's retry waits this long after its first failure, doubling each time (up to 60 s,
     #: jittered); 0 retries at once.
     retry_delay_s: float = 1.0
+
+    # -- secrets -------------------------------------------------------------------------
+    #: The team's key for signing step messages (HMAC-SHA256); workers run only signed ones.
+    secret_key: SecretStr | None = None
+    #: A file holding the key instead (first line; e.g. a mounted secret).
+    secret_key_file: Path | None = None
+    #: Keys still accepted while a new ``secret_key`` rolls out (comma-separated); never signed with.
+    previous_secret_keys: SecretStr | None = None
+    #: Run a cluster without signed messages (local experiments only).
+    insecure: bool = False
+    #: Modules (besides ours) whose materializers workers may load by name for an input.
+    materializer_modules: Annotated[tuple[str, ...], NoDecode] = ()
     #: A queued step not claimed for this long is sent again (duplicates are dropped at claim time).
     requeue_queued_after_s: float = 600.0
+    #: A step queued for longer is looked for on the broker and resent if its message is gone.
+    broker_check_after_s: float = 30.0
     #: Broker visibility timeout; longer than the longest step.
     visibility_timeout_s: float = 6 * 3600.0
     #: Cache on by default for every pipeline.
     enable_cache: bool = True
     user: str = Field(default_factory=lambda: os.environ.get("USER", "") or "unknown")
 
-    @field_validator("queues", mode="before")
+    # -- TLS -------------------------------------------------------------------------------
+    # Paths of PEM files, never their contents. A rediss:// broker is always verified.
+    #: CA certificate(s) a ``rediss://`` broker's certificate must chain to (unset: the system's).
+    broker_ca_file: Path | None = None
+    #: Client certificate for a broker that asks for one (``tls-auth-clients``).
+    broker_cert_file: Path | None = None
+    #: Private key of ``broker_cert_file`` (unset: the key is in that file too).
+    broker_key_file: Path | None = None
+    #: libpq ``sslmode`` for PostgreSQL; unset: ``verify-full`` once a CA file is given.
+    metadata_sslmode: (
+        Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None
+    ) = None
+    #: CA certificate(s) PostgreSQL's certificate must chain to (libpq ``sslrootcert``).
+    metadata_ca_file: Path | None = None
+    #: Client certificate for PostgreSQL (``clientcert=`` in pg_hba.conf); with its key.
+    metadata_cert_file: Path | None = None
+    metadata_key_file: Path | None = None
+    #: CA bundle an ``https://`` S3 endpoint's certificate must chain to (unset: botocore's).
+    s3_ca_bundle: Path | None = None
+
+    @field_validator("queues", "materializer_modules", mode="before")
     @classmethod
     def _split_queues(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -84,6 +126,61 @@ class Settings(BaseSettings):
                     f"worker's steps; lower ZW_HEARTBEAT_INTERVAL_S or raise ZW_{other.upper()}"
                 )
         return self
+
+    @field_serializer("metadata_url", "broker_url")
+    def _redact_urls(self, url: str | None) -> str | None:
+        # A dump (logs, JSON) never carries a password; code that needs the URL reads the field.
+        return redact_url(url) if url else url
+
+    def __repr_args__(self) -> Any:
+        # URLs may carry passwords (user:pass@ or ?password=); SecretStr fields mask themselves.
+        for name, value in super().__repr_args__():
+            if name in ("metadata_url", "broker_url") and isinstance(value, str):
+                value = redact_url(value)
+            yield name, value
+
+    def identity(self) -> str:
+        """A digest of every setting, secrets included (for caching per-settings objects)."""
+        import hashlib
+
+        plain = self.model_dump(mode="json")
+        for name in ("s3_secret_access_key", "secret_key", "previous_secret_keys"):
+            secret = getattr(self, name)
+            plain[name] = secret.get_secret_value() if secret is not None else None
+        return hashlib.sha256(repr(sorted(plain.items())).encode()).hexdigest()
+
+    def signing_keys(self) -> tuple[bytes | None, list[bytes]]:
+        """The key to sign with (None when none is configured) and every key accepted.
+
+        Raises:
+            ConfigurationError: ``secret_key_file`` cannot be read or is empty.
+        """
+        current: bytes | None = None
+        if self.secret_key is not None and self.secret_key.get_secret_value():
+            current = self.secret_key.get_secret_value().encode()
+        elif self.secret_key_file is not None:
+            try:
+                text = self.secret_key_file.read_text().strip().splitlines()
+            except OSError as e:
+                raise ConfigurationError(
+                    f"cannot read ZW_SECRET_KEY_FILE {self.secret_key_file} ({e}); fix the path "
+                    "or its permissions"
+                ) from e
+            if not text or not text[0].strip():
+                raise ConfigurationError(
+                    f"ZW_SECRET_KEY_FILE {self.secret_key_file} is empty; put the team's key on "
+                    "its first line"
+                )
+            current = text[0].strip().encode()
+        previous = []
+        if self.previous_secret_keys is not None:
+            previous = [
+                k.strip().encode()
+                for k in self.previous_secret_keys.get_secret_value().split(",")
+                if k.strip()
+            ]
+        accepted = ([current] if current else []) + previous
+        return current, accepted
 
     def lease_policy(self) -> LeasePolicy:
         return LeasePolicy(
@@ -112,8 +209,11 @@ class Settings(BaseSettings):
         return {
             "endpoint_url": self.s3_endpoint_url,
             "access_key_id": self.s3_access_key_id,
-            "secret_access_key": self.s3_secret_access_key,
+            "secret_access_key": (
+                self.s3_secret_access_key.get_secret_value() if self.s3_secret_access_key else None
+            ),
             "region": self.s3_region,
+            "ca_bundle": str(self.s3_ca_bundle) if self.s3_ca_bundle else None,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -125,6 +225,147 @@ class Settings(BaseSettings):
             "artifact_uri": self.resolved_artifact_uri(),
             "broker_url": redact_url(self.broker_url) if self.broker_url else None,
         }
+
+    # -- TLS -------------------------------------------------------------------------------
+
+    @field_validator(
+        "broker_ca_file",
+        "broker_cert_file",
+        "broker_key_file",
+        "metadata_ca_file",
+        "metadata_cert_file",
+        "metadata_key_file",
+        "s3_ca_bundle",
+        mode="before",
+    )
+    @classmethod
+    def _tls_file(cls, v: Any, info: ValidationInfo) -> Any:
+        """A TLS setting names an existing file: not its PEM text (which would end up in logs)."""
+        if v is None or v == "":
+            return None
+        if not isinstance(v, str | os.PathLike):
+            return v  # pydantic's own type error names it
+        var = f"ZW_{str(info.field_name).upper()}"
+        if isinstance(v, str) and "-----BEGIN" in v:
+            raise ConfigurationError(
+                f"{var} holds PEM text, not a path; write the certificate or key to a file "
+                f"(readable by this user only, for a key) and set {var} to its path"
+            )
+        path = Path(v).expanduser()
+        if not path.is_file():
+            raise ConfigurationError(
+                f"{var} names {path}, which is not a file; give the path of the PEM file "
+                f"(absolute, or relative to the working directory) or unset {var}"
+            )
+        return path
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        # Each TLS file must reach the link it is meant for, or that link would silently
+        # run without it.
+        from urllib.parse import parse_qs, urlsplit
+
+        broker = [
+            f for f in ("broker_ca_file", "broker_cert_file", "broker_key_file") if getattr(self, f)
+        ]
+        if broker and self.broker_url:
+            url = urlsplit(self.broker_url)
+            if url.scheme != "rediss":
+                raise ConfigurationError(
+                    f"ZW_{broker[0].upper()} is set but ZW_BROKER_URL "
+                    f"({redact_url(self.broker_url)}) is not a rediss:// URL, so the broker "
+                    "link would not use TLS; use rediss://host:port/db"
+                )
+            in_url = sorted(k for k in parse_qs(url.query) if k.startswith("ssl_"))
+            if in_url:
+                raise ConfigurationError(
+                    f"ZW_BROKER_URL sets {', '.join(in_url)} and ZW_{broker[0].upper()} is set "
+                    "too; give the broker's TLS files either in the URL or in ZW_BROKER_*_FILE"
+                )
+        if self.broker_key_file and not self.broker_cert_file:
+            raise ConfigurationError(
+                "ZW_BROKER_KEY_FILE is set without ZW_BROKER_CERT_FILE; set the client "
+                "certificate too, or unset the key"
+            )
+        metadata = {
+            "metadata_sslmode": "sslmode",
+            "metadata_ca_file": "sslrootcert",
+            "metadata_cert_file": "sslcert",
+            "metadata_key_file": "sslkey",
+        }
+        given = [f for f in metadata if getattr(self, f)]
+        if given:
+            url_text = self.resolved_metadata_url()
+            if not url_text.startswith("postgresql"):
+                raise ConfigurationError(
+                    f"ZW_{given[0].upper()} applies to PostgreSQL only, but ZW_METADATA_URL is "
+                    f"{redact_url(url_text)}; unset it or point ZW_METADATA_URL at PostgreSQL"
+                )
+            query = parse_qs(urlsplit(url_text).query)
+            twice = [f for f in given if metadata[f] in query]
+            if twice:
+                raise ConfigurationError(
+                    f"ZW_{twice[0].upper()} and {metadata[twice[0]]} in ZW_METADATA_URL are both "
+                    "set; keep one of them"
+                )
+        if bool(self.metadata_cert_file) != bool(self.metadata_key_file):
+            raise ConfigurationError(
+                "ZW_METADATA_CERT_FILE and ZW_METADATA_KEY_FILE go together (libpq needs both); "
+                "set both or neither"
+            )
+        if self.s3_ca_bundle and (self.s3_endpoint_url or "").startswith("http://"):
+            raise ConfigurationError(
+                f"ZW_S3_CA_BUNDLE is set but ZW_S3_ENDPOINT_URL ({self.s3_endpoint_url}) is "
+                "plain http://, so S3 traffic would not use TLS; use https://"
+            )
+        return self
+
+    def broker_ssl_options(self) -> dict[str, Any]:
+        """redis-py's TLS keyword arguments for the broker, which are also Celery's ``broker_use_ssl``.
+
+        Empty unless ``broker_url`` is ``rediss://``, and also when its query holds ``ssl_*``
+        parameters (kombu and redis-py read those from the URL themselves). The certificate
+        is always verified, against ``broker_ca_file`` or else the system's CAs, and so is
+        the host name (redis-py's default).
+        """
+        import ssl
+        from urllib.parse import parse_qs, urlsplit
+
+        if not self.broker_url or urlsplit(self.broker_url).scheme != "rediss":
+            return {}
+        if any(k.startswith("ssl_") for k in parse_qs(urlsplit(self.broker_url).query)):
+            return {}
+        options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        for field, key in (
+            ("broker_ca_file", "ssl_ca_certs"),
+            ("broker_cert_file", "ssl_certfile"),
+            ("broker_key_file", "ssl_keyfile"),
+        ):
+            if getattr(self, field) is not None:
+                options[key] = str(getattr(self, field))
+        return options
+
+    def metadata_connect_args(self) -> dict[str, str]:
+        """libpq TLS parameters for a PostgreSQL metadata store (SQLAlchemy ``connect_args``).
+
+        A CA file without ``metadata_sslmode`` means ``verify-full``: the certificate must
+        chain to that CA and name the host. Parameters in ``metadata_url``'s query (libpq's
+        ``sslmode``, ``sslrootcert`` ...) reach libpq as they are.
+        """
+        if not self.resolved_metadata_url().startswith("postgresql"):
+            return {}
+        args: dict[str, str] = {}
+        sslmode = self.metadata_sslmode or ("verify-full" if self.metadata_ca_file else None)
+        if sslmode:
+            args["sslmode"] = sslmode
+        for field, key in (
+            ("metadata_ca_file", "sslrootcert"),
+            ("metadata_cert_file", "sslcert"),
+            ("metadata_key_file", "sslkey"),
+        ):
+            if getattr(self, field) is not None:
+                args[key] = str(getattr(self, field))
+        return args
 
 
 def load_settings(stack_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:

@@ -12,16 +12,19 @@ from stores.artifacts.base import (
     StoredObject,
     artifact_store_from_uri,
 )
+from stores.artifacts.integrity import VerifyingReader, verified
 from stores.artifacts.local import LocalArtifactStore
 from stores.artifacts.memory import MemoryArtifactStore
 from stores.artifacts.s3 import S3ArtifactStore
 from stores.errors import (
+    ArtifactIntegrityError,
     ArtifactNotFoundError,
     ArtifactStoreCredentialsError,
     ArtifactStoreError,
 )
 
 __all__ = [
+    "ArtifactIntegrityError",
     "ArtifactNotFoundError",
     "ArtifactStore",
     "ArtifactStoreCredentialsError",
@@ -31,5 +34,7 @@ __all__ = [
     "MemoryArtifactStore",
     "S3ArtifactStore",
     "StoredObject",
+    "VerifyingReader",
     "artifact_store_from_uri",
+    "verified",
 ]

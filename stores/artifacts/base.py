@@ -15,9 +15,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 from urllib.parse import urlsplit
 
+from stores.artifacts.integrity import verified
 from stores.errors import ArtifactStoreError
 
 __all__ = [
@@ -143,17 +144,32 @@ class ArtifactWriter(io.RawIOBase):
             super().close()
 
 
+#: Characters a key may not hold: ``#`` and ``?`` would end the path when the object's
+#: ``s3://`` or ``memory://`` URI is parsed (so ``v#x`` would read ``v``), and a backslash or
+#: a control character is a path separator or invisible somewhere.
+_UNSAFE_KEY_CHARS = frozenset("#?\\" + "".join(map(chr, range(32))) + "\x7f")
+
+
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a safe relative key, without a leading or doubled slash.
 
+    A valid key stays below the store's root and reads back from the URI it is given.
+
     Raises:
-        ArtifactStoreError: If the key is empty, absolute, or has ``.``/``..``/empty parts.
+        ArtifactStoreError: If the key is empty, absolute, has ``.``/``..``/empty parts, or
+            holds ``#``, ``?``, a backslash or a control character.
     """
     parts = key.split("/")
-    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+    if (
+        not key
+        or key.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or not _UNSAFE_KEY_CHARS.isdisjoint(key)
+    ):
         raise ArtifactStoreError(
             f"Artifact key {key!r} is not a relative path like 'runs/<run>/<step>/<attempt>/<output>'; "
-            "pass one without leading slashes, empty parts, '.' or '..'."
+            "pass one without leading slashes, empty parts, '.', '..', '#', '?', backslashes "
+            "or control characters."
         )
     return key
 
@@ -228,6 +244,39 @@ class ArtifactStore(ABC):
             ArtifactStoreError: If ``uri`` has another scheme or the read fails.
         """
 
+    @contextmanager
+    def verified_reader(
+        self, uri: str, *, expected_hash: str, expected_size_bytes: int | None = None
+    ) -> Iterator[BinaryIO]:
+        """Like :meth:`reader`, but every byte is checked against what was recorded at write time.
+
+        The stream hashes the bytes as they are read (no extra copy) and may be read
+        partially or, where the store's stream is, seeked; when the ``with`` block ends the
+        rest of the object is read and hashed, so the whole object is always checked. See
+        :mod:`stores.artifacts.integrity`.
+
+        Args:
+            uri: The object to read.
+            expected_hash: ``"sha256:<hex>"`` recorded when it was written.
+            expected_size_bytes: Size recorded when it was written, when known.
+
+        Raises:
+            ArtifactIntegrityError: The object's hash or size differs from the recorded one
+                (raised in place of an error a consumer raised on the corrupt bytes).
+            ArtifactNotFoundError: If no object exists at ``uri``.
+            ArtifactStoreError: If ``uri`` has another scheme or the read fails.
+        """
+        with (
+            self.reader(uri) as raw,
+            verified(
+                raw,
+                uri=uri,
+                expected_hash=expected_hash,
+                expected_size_bytes=expected_size_bytes,
+            ) as fp,
+        ):
+            yield cast(BinaryIO, fp)
+
     def get_bytes(self, uri: str) -> bytes:
         """Return the whole content of ``uri``.
 
@@ -275,6 +324,7 @@ def artifact_store_from_uri(
     access_key_id: str | None = None,
     secret_access_key: str | None = None,
     region: str | None = None,
+    ca_bundle: str | None = None,
 ) -> ArtifactStore:
     """Build the artifact store for a root URI; nothing connects until it is used.
 
@@ -303,6 +353,7 @@ def artifact_store_from_uri(
             access_key_id=access_key_id,
             secret_access_key=secret_access_key,
             region=region,
+            ca_bundle=ca_bundle,
         )
     if parts.scheme == "memory":
         from stores.artifacts.memory import MemoryArtifactStore

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from stores import tls
 from stores.artifacts.base import ArtifactStore, ArtifactWriter, split_uri
 from stores.errors import (
     ArtifactNotFoundError,
@@ -257,6 +258,8 @@ class S3ArtifactStore(ArtifactStore):
         max_pool_connections: Size of the client's HTTP connection pool.
         connect_timeout_s: Seconds to wait for a connection.
         read_timeout_s: Seconds to wait for a response chunk.
+        ca_bundle: CA bundle (a PEM file) that an ``https://`` endpoint's certificate must
+            chain to; None for botocore's default (its bundled CAs, or ``AWS_CA_BUNDLE``).
 
     Raises:
         ArtifactStoreError: If the bucket is empty or the part size is below 5 MiB.
@@ -276,6 +279,7 @@ class S3ArtifactStore(ArtifactStore):
         max_pool_connections: int = 16,
         connect_timeout_s: float = 10.0,
         read_timeout_s: float = 60.0,
+        ca_bundle: str | None = None,
     ) -> None:
         if not bucket or "/" in bucket:
             raise ArtifactStoreError(
@@ -300,6 +304,7 @@ class S3ArtifactStore(ArtifactStore):
         self.max_pool_connections = max_pool_connections
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
+        self.ca_bundle = ca_bundle
         self.conditional_writes = True
         self._access_key_id = access_key_id
         self._secret_access_key = secret_access_key
@@ -344,7 +349,9 @@ class S3ArtifactStore(ArtifactStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        return session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        return session.client(
+            "s3", endpoint_url=self.endpoint_url, config=config, verify=self.ca_bundle
+        )
 
     def translate(self, e: BaseException, action: str, uri: str) -> ArtifactStoreError:
         """Return the store error for a botocore error ``e`` raised while ``action``-ing ``uri``."""
@@ -389,6 +396,19 @@ class S3ArtifactStore(ArtifactStore):
                 f"No S3 credentials found to {action} {uri}; "
                 "set ZW_S3_ACCESS_KEY_ID / ZW_S3_SECRET_ACCESS_KEY."
             )
+        refused = tls.refusal(e) if isinstance(e, (ConnectionError, HTTPClientError)) else None
+        if refused is not None:
+            # An untrusted certificate fails every retry: not an outage, so not retried.
+            text = tls.sentence(
+                "S3",
+                refused,
+                where=where,
+                ca_var="ZW_S3_CA_BUNDLE",
+                url_var="ZW_S3_ENDPOINT_URL",
+                cert_vars=None,
+                enable_tls="use an https:// ZW_S3_ENDPOINT_URL",
+            )
+            return ArtifactStoreError(f"{text[0].upper()}{text[1:]}.")
         # Refused or timed-out connections, resets and broken response streams.
         if isinstance(e, (ConnectionError, HTTPClientError, ResponseStreamingError)):
             return ArtifactStoreUnavailableError(

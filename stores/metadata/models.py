@@ -120,6 +120,9 @@ class ArtifactRow(Base):
     producer_run_id: Mapped[str] = mapped_column(String(36), index=True)
     producer_step_run_id: Mapped[str] = mapped_column(String(36), index=True)
     created_at: Mapped[float] = mapped_column(Float)
+    #: When a load found the stored bytes no longer match ``content_hash`` (None: never).
+    #: A step run with a corrupt output is never offered as a cache hit.
+    corrupted_at: Mapped[float | None] = mapped_column(Float, nullable=True, default=None)
 
 
 class LineageRow(Base):

@@ -8,6 +8,7 @@ two processes race, exactly one sees a row count of 1.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 from sqlalchemy import Row, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from stores.errors import NotFoundError
+from stores.errors import MetadataStoreError, NotFoundError
 from stores.metadata import statements as sql
 from stores.metadata.models import (
     ArtifactRow,
@@ -98,6 +99,14 @@ def put_code_blobs(s: Session, blobs: Sequence[dict[str, Any]], now: float) -> N
     """Store step code blobs that are not stored yet (keyed by their content hash)."""
     if not blobs:
         return
+    for b in blobs:
+        # Keyed by content: a writer cannot store other bytes under a hash (and so poison it
+        # for everyone who later submits the same step).
+        actual = "sha256:" + hashlib.sha256(b["pickled"]).hexdigest()
+        if actual != b["code_hash"]:
+            raise MetadataStoreError(
+                f"code blob {b['code_hash']} ({b.get('name', '?')}) hashes to {actual}; refusing to store it"
+            )
     hashes = [b["code_hash"] for b in blobs]
     have = set(
         s.execute(select(CodeBlobRow.code_hash).where(CodeBlobRow.code_hash.in_(hashes))).scalars()
@@ -466,6 +475,23 @@ def expire_leases_held_by(
     return int(res.rowcount)  # type: ignore[attr-defined]
 
 
+def expire_orphaned_leases(s: Session, worker: str, *, alive: set[int], seen_at: float) -> int:
+    """End the leases of running steps recorded under node ``worker`` whose process is not in
+    ``alive`` (listed at ``seen_at``) and that started before ``seen_at``; returns how many."""
+    res = s.execute(
+        update(StepRunRow)
+        .where(
+            StepRunRow.status == StepStatus.RUNNING.value,
+            StepRunRow.worker_host == worker,
+            StepRunRow.worker_pid.not_in(sorted(alive)),
+            StepRunRow.started_at < seen_at,
+            StepRunRow.lease_expires_at > seen_at,
+        )
+        .values(lease_expires_at=seen_at)
+    )
+    return int(res.rowcount)  # type: ignore[attr-defined]
+
+
 def silent_workers(s: Session, *, heartbeat_before: float) -> list[str]:
     """Node names of workers that said they stopped or last beat before ``heartbeat_before``,
     while some running step is attributed to them."""
@@ -485,6 +511,20 @@ def stale_queued(s: Session, queued_before: float) -> list[StepRunRow]:
         s.execute(
             select(StepRunRow).where(
                 StepRunRow.status == StepStatus.QUEUED.value, StepRunRow.queued_at < queued_before
+            )
+        ).scalars()
+    )
+
+
+def queued_steps(s: Session, step_run_ids: Sequence[str]) -> list[StepRunRow]:
+    """Those of ``step_run_ids`` that are still queued."""
+    if not step_run_ids:
+        return []
+    return list(
+        s.execute(
+            select(StepRunRow).where(
+                StepRunRow.id.in_(list(step_run_ids)),
+                StepRunRow.status == StepStatus.QUEUED.value,
             )
         ).scalars()
     )
@@ -619,3 +659,25 @@ def live_queues(s: Session, *, now: float, max_age_s: float) -> set[str]:
 
 def forget_workers(s: Session, older_than: float) -> None:
     s.execute(delete(WorkerRow).where(WorkerRow.heartbeat_at < older_than))
+
+
+# -- artifact integrity (load-time verification) ---------------------------------------------
+
+
+def mark_artifact_corrupt(s: Session, artifact_id: str, *, now: float) -> tuple[str, str] | None:
+    """Record that a load found the bytes of ``artifact_id`` no longer match its hash, so
+    that no step run with it as an output is offered as a cache hit again
+    (``statements.CACHE_HITS``). The first time found is kept.
+
+    Returns:
+        ``(producer run id, producer invocation id)`` for the error message, or None when
+        no such artifact is recorded.
+    """
+    row = s.get(ArtifactRow, artifact_id)
+    if row is None:
+        return None
+    if row.corrupted_at is None:
+        row.corrupted_at = now
+    producer = s.get(StepRunRow, row.producer_step_run_id)
+    invocation = producer.invocation_id if producer is not None else row.producer_step_run_id
+    return row.producer_run_id, invocation

@@ -51,17 +51,18 @@ RUN_ALIVE = (
     .where(RUNS.c.id == STEPS.c.run_id, RUNS.c.status == RunStatus.RUNNING.value)
     .exists()
 )
+#: What starting an attempt sets: the next attempt number, its lease and its worker.
+_NEW_ATTEMPT = {
+    "attempt": STEPS.c.attempt + 1,
+    "started_at": bindparam("now"),
+    "lease_expires_at": bindparam("lease"),
+    "worker_host": bindparam("host"),
+    "worker_pid": bindparam("pid"),
+}
 CLAIM = (
     update(STEPS)
     .where(STEPS.c.id == bindparam("_id"), status_guard(Move.CLAIM), RUN_ALIVE)
-    .values(
-        status=target(Move.CLAIM),
-        attempt=STEPS.c.attempt + 1,
-        started_at=bindparam("now"),
-        lease_expires_at=bindparam("lease"),
-        worker_host=bindparam("host"),
-        worker_pid=bindparam("pid"),
-    )
+    .values(status=target(Move.CLAIM), **_NEW_ATTEMPT)
     .returning(*STEPS.c)
 )
 #: A new attempt replaces one whose worker is provably dead (guarded by the dead attempt).
@@ -73,15 +74,7 @@ TAKE_OVER = (
         STEPS.c.attempt == bindparam("_attempt"),
         RUN_ALIVE,
     )
-    .values(
-        status=target(Move.TAKE_OVER),
-        attempt=STEPS.c.attempt + 1,
-        started_at=bindparam("now"),
-        lease_expires_at=bindparam("lease"),
-        worker_host=bindparam("host"),
-        worker_pid=bindparam("pid"),
-        exception=bindparam("reason"),
-    )
+    .values(status=target(Move.TAKE_OVER), exception=bindparam("reason"), **_NEW_ATTEMPT)
     .returning(*STEPS.c)
 )
 DECREMENT = (
@@ -143,6 +136,26 @@ OUTPUTS = (
         STEPS.c.invocation_id.in_(bindparam("invs", expanding=True)),
     )
 )
+_CORRUPT_LINEAGE = LINEAGE.alias("corrupt_lineage")
+_CORRUPT_ARTIFACTS = ARTIFACTS.alias("corrupt_artifacts")
+#: The step run has an output that a load found corrupt (``artifacts.corrupted_at`` set).
+#: Aliased tables, so the subquery correlates to ``step_runs`` only, not to the outer join.
+HAS_CORRUPT_OUTPUT = (
+    select(_CORRUPT_LINEAGE.c.artifact_id)
+    .select_from(
+        _CORRUPT_LINEAGE.join(
+            _CORRUPT_ARTIFACTS, _CORRUPT_ARTIFACTS.c.id == _CORRUPT_LINEAGE.c.artifact_id
+        )
+    )
+    .where(
+        _CORRUPT_LINEAGE.c.step_run_id == STEPS.c.id,
+        _CORRUPT_LINEAGE.c.direction == OUTPUT,
+        _CORRUPT_ARTIFACTS.c.corrupted_at.is_not(None),
+    )
+    .exists()
+)
+#: Completed step runs per cache key with their outputs; a run with a corrupt output is no
+#: hit at all (an older good one may be), so the step runs again instead of reusing it.
 CACHE_HITS = (
     select(
         STEPS.c.cache_key,
@@ -164,6 +177,7 @@ CACHE_HITS = (
     .where(
         STEPS.c.cache_key.in_(bindparam("keys", expanding=True)),
         STEPS.c.status == StepStatus.COMPLETED.value,
+        ~HAS_CORRUPT_OUTPUT,
     )
 )
 #: Settle a just-unblocked step: ``ready``, or ``cached`` with its origin (both leave ``pending``).

@@ -12,11 +12,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from stores import tls
 from stores.errors import MetadataStoreError, MetadataStoreUnavailableError
 
 if TYPE_CHECKING:
@@ -27,17 +28,41 @@ log = logging.getLogger("zenml_workers.stores.metadata")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 #: Newest Alembic revision; checked with one query at start-up so Alembic is only imported to migrate.
-HEAD_REVISION = "0001_initial"
+HEAD_REVISION = "0002_artifact_corrupted_at"
+
+
+#: Query parameters whose values are secrets, matched as substrings of the lower-cased name
+#: (``password``, ``sslpassword``, ``X-Amz-Signature``, ``access_token``, ``secret_key`` ...).
+_SECRET_PARAMS = ("pass", "pwd", "secret", "token", "key", "signature", "credential", "auth")
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for logs and messages."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url
+    """``url`` with every secret replaced by ``***``, for logs, messages and run records: the
+    password in ``user:pass@`` (and a lone ``:pass@``), and the values of query parameters
+    such as ``password``, ``secret``, ``token`` or ``key``. Text that is not a URL is kept."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("://", 1)[0] + "://***"
+    # Edit the text in place: rebuilding it would normalise it (sqlite:////abs/path).
+    out = url
+    if "@" in parts.netloc:
+        creds, host = parts.netloc.rsplit("@", 1)
+        user, sep, _ = creds.partition(":")
+        if sep:
+            out = out.replace(parts.netloc, f"{user}:***@{host}", 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        hidden = [
+            (k, "***" if any(s in k.lower() for s in _SECRET_PARAMS) else v) for k, v in pairs
+        ]
+        if hidden != pairs:
+            out = out.replace(f"?{parts.query}", "?" + urlencode(hidden, safe="*/:"), 1)
+    return out
 
 
 #: A pooled PostgreSQL connection idle for longer is pinged before use.
@@ -101,14 +126,25 @@ class MetadataStore:
     Args:
         url: SQLAlchemy URL (``sqlite:///path.db`` or ``postgresql+psycopg://...``).
         migrate: bring the schema to the newest revision on first use.
+        connect_args: extra driver connection parameters for PostgreSQL, e.g. libpq's TLS
+            ones (``sslmode``, ``sslrootcert``, ``sslcert``, ``sslkey``); they win over
+            the same parameters in ``url``'s query. Ignored for SQLite.
 
     Raises:
         MetadataStoreError: the URL is malformed, its driver is missing or the
             database cannot be reached or migrated.
     """
 
-    def __init__(self, url: str, *, migrate: bool = True, idle_ping_s: float = IDLE_PING_S) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        migrate: bool = True,
+        idle_ping_s: float = IDLE_PING_S,
+        connect_args: Mapping[str, Any] | None = None,
+    ) -> None:
         self.url = url
+        self.connect_args = dict(connect_args or {})
         self.idle_ping_s = idle_ping_s
         self._migrate = migrate
         self._engine: Engine | None = None
@@ -160,7 +196,9 @@ class MetadataStore:
                     conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
             else:
-                engine = create_engine(self.url, pool_size=5, max_overflow=10)
+                engine = create_engine(
+                    self.url, pool_size=5, max_overflow=10, connect_args=self.connect_args
+                )
                 _ping_when_idle(engine, idle_s=self.idle_ping_s)
         except (ArgumentError, NoSuchModuleError, ModuleNotFoundError) as e:
             raise MetadataStoreError(
@@ -241,8 +279,9 @@ class MetadataStore:
         )
 
     def _unreachable(self, e: Exception) -> MetadataStoreError:
-        """The error for a failed database call: SQLite's locked and full databases get their
-        own sentences; everything else means the database cannot be reached right now."""
+        """The error for a failed database call: SQLite's locked and full databases and
+        PostgreSQL's TLS refusals (see :mod:`stores.tls`) get their own sentences; everything
+        else means the database cannot be reached right now."""
         first = (str(getattr(e, "orig", None) or e).splitlines() or [""])[0]
         where = redact_url(self.url)
         if self.is_sqlite and "locked" in first:
@@ -254,6 +293,20 @@ class MetadataStore:
             return MetadataStoreError(
                 f"the disk holding the SQLite metadata store {where} is full ({first}); "
                 "free space there or move ZW_HOME / ZW_METADATA_URL to a bigger disk"
+            )
+        refused = None if self.is_sqlite else tls.refusal(getattr(e, "orig", None) or e)
+        if refused is not None:
+            # A certificate or TLS mismatch fails every retry: not an outage, so not retried.
+            return MetadataStoreError(
+                tls.sentence(
+                    "the metadata store (PostgreSQL)",
+                    refused,
+                    where=where,
+                    ca_var="ZW_METADATA_CA_FILE",
+                    url_var="ZW_METADATA_URL",
+                    cert_vars="ZW_METADATA_CERT_FILE and ZW_METADATA_KEY_FILE",
+                    enable_tls="set ZW_METADATA_SSLMODE=verify-full and ZW_METADATA_CA_FILE",
+                )
             )
         cls = MetadataStoreError if self.is_sqlite else MetadataStoreUnavailableError
         return cls(

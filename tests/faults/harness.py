@@ -17,7 +17,13 @@ from typing import Any
 
 from tests.services.netns import NetworkHost
 from tests.services.postgres import PostgresServer, start_postgres
-from tests.services.process import REPO_ROOT, ServiceProcess, service_env, wait_until
+from tests.services.process import (
+    REPO_ROOT,
+    TEST_SECRET_KEY,
+    ServiceProcess,
+    service_env,
+    wait_until,
+)
 from tests.services.redis import RedisServer, start_redis
 from tests.services.s3 import S3Server, start_seaweedfs
 
@@ -28,6 +34,7 @@ SHORT_TIMING = {
     "ZW_LEASE_S": "15",
     "ZW_SCHEDULER_INTERVAL_S": "0.5",
     "ZW_INFRA_RETRY_BUDGET_S": "120",
+    "ZW_BROKER_CHECK_AFTER_S": "2",
 }
 READY_TIMEOUT_S = 60.0
 
@@ -176,6 +183,7 @@ def start_fault_cluster(
         bucket = s3.make_bucket()
         env = {
             "ZW_BROKER_URL": redis.db_url(0),
+            "ZW_SECRET_KEY": TEST_SECRET_KEY,
             "ZW_METADATA_URL": url,
             "ZW_ARTIFACT_URI": f"s3://{bucket}/artifacts",
             "ZW_S3_ENDPOINT_URL": s3.endpoint_url,

@@ -17,7 +17,7 @@ from celery import Celery
 
 from tests.pipelines import cluster as pl
 from tests.services.celery import REPO_ROOT, service_env, start_celery_worker
-from tests.services.process import ServiceProcess
+from tests.services.process import TEST_SECRET_KEY, ServiceProcess
 from zenml_workers import submit
 from zenml_workers.sdk.stack import close_stacks
 from zenml_workers.settings import Settings
@@ -27,6 +27,7 @@ from zenml_workers.worker.broker import (
     DeadLetter,
     DeadLetterList,
 )
+from zenml_workers.worker.signing import Signer
 
 pytestmark = pytest.mark.services
 
@@ -47,12 +48,14 @@ class Garbage:
 def garbage(redis_url: str, tmp_path: Path) -> Iterator[Garbage]:
     env = {
         "ZW_BROKER_URL": redis_url,
+        "ZW_SECRET_KEY": TEST_SECRET_KEY,
         "ZW_METADATA_URL": f"sqlite:///{tmp_path / 'm.db'}",
         "ZW_ARTIFACT_URI": str(tmp_path / "artifacts"),
         "ZW_HOME": str(tmp_path / "home"),
     }
     settings = Settings(
         broker_url=env["ZW_BROKER_URL"],
+        secret_key=TEST_SECRET_KEY,
         metadata_url=env["ZW_METADATA_URL"],
         artifact_uri=env["ZW_ARTIFACT_URI"],
         home=tmp_path / "home",
@@ -123,7 +126,11 @@ def test_garbage_messages_are_dead_lettered_and_the_worker_keeps_serving(
         client.lpush("cpu", raw)
     sender = Celery("garbage-sender", broker=garbage.env["ZW_BROKER_URL"], set_as_current=False)
     try:
-        bad_task = sender.send_task("zw.step", kwargs={"task": {"nope": 1}}, queue="cpu")
+        # Signed with the team's key, so it passes the signature check and fails to decode.
+        signed = Signer(TEST_SECRET_KEY.encode(), [TEST_SECRET_KEY.encode()], insecure=False)
+        bad_task = sender.send_task(
+            "zw.step", kwargs={"task": signed.sign({"nope": 1})}, queue="cpu"
+        )
     finally:
         sender.close()
     expected = [*(reason for _, reason in pushed), "argument 'task' is not a step task ("]
@@ -145,7 +152,7 @@ def test_garbage_messages_are_dead_lettered_and_the_worker_keeps_serving(
     assert oldest_first[-1]["reason"] == "argument 'task' is not a step task (KeyError: 'run_id')"
     assert oldest_first[0]["raw"] == "\x00\ufffd\ufffd this is not JSON"
     assert [r["raw"].encode() for r in oldest_first[1:4]] == [raw for raw, _ in pushed[1:]]
-    assert json.loads(oldest_first[-1]["raw"]) == {"nope": 1}
+    assert json.loads(oldest_first[-1]["raw"])["nope"] == 1
     assert [r["at"] for r in records] == sorted((r["at"] for r in records), reverse=True)
     log = worker.log_text()
     assert log.count("dropped a message from queue 'cpu'") == len(pushed)

@@ -115,6 +115,29 @@ def test_fault_s3_down_mid_run_is_retried_not_blamed_on_the_materializer(
     _assert_ran_once(cluster, run.id, tmp_path)
 
 
+def test_fault_message_lost_by_the_broker_is_found_missing_and_resent(
+    cluster: FaultCluster, tmp_path: Path
+) -> None:
+    """A message popped by a worker whose connection then died is neither queued nor unacked."""
+    import redis
+
+    (tmp_path / "release-h").touch()
+    cluster.start_scheduler()
+    handle = submit(pl.diamond, settings=cluster.settings(), marker_dir=str(tmp_path), seed=8)
+    client = redis.Redis.from_url(cluster.env["ZW_BROKER_URL"])
+    try:
+        wait_until(lambda: client.llen("cpu") == 1, 30, "the first task on the queue")
+        assert client.delete("cpu") == 1  # the message is gone; SQL still says queued
+    finally:
+        client.close()
+    cluster.start_worker("cpu@a")
+
+    run = handle.wait(timeout_s=RUN_TIMEOUT_S, progress=False)
+    assert run.status == "completed"
+    _assert_ran_once(cluster, run.id, tmp_path)
+    assert "missing from the broker; resending" in cluster.scheduler.log_text()  # type: ignore[union-attr]
+
+
 def test_fault_broker_down_at_submit_records_the_run_and_completes_later(
     cluster: FaultCluster, tmp_path: Path
 ) -> None:

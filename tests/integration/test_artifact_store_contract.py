@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from stores.artifacts import (
+    ArtifactIntegrityError,
     ArtifactNotFoundError,
     ArtifactStore,
     ArtifactStoreCredentialsError,
@@ -328,7 +329,9 @@ def test_artifact_store_rejects_uri_of_another_scheme(backend: Backend, uri: str
         backend.store.exists(uri)
 
 
-@pytest.mark.parametrize("key", ["", "/abs", "a//b", "a/../b", "./a", "a/", "a\\b"])
+@pytest.mark.parametrize(
+    "key", ["", "/abs", "a//b", "a/../b", "./a", "a/", "a\\b", "a#b", "a?b", "a\x00b", "a\nb"]
+)
 def test_artifact_store_rejects_bad_keys(backend: Backend, key: str) -> None:
     with pytest.raises(ArtifactStoreError, match="relative path"):
         backend.store.put_bytes(key, b"x")
@@ -336,6 +339,98 @@ def test_artifact_store_rejects_bad_keys(backend: Backend, key: str) -> None:
 
 def test_artifact_store_check_passes_on_a_usable_store(backend: Backend) -> None:
     backend.store.check()
+
+
+# -- verified reads ------------------------------------------------------------------
+
+
+def _replace_object(backend: Backend, uri: str, data: bytes) -> None:
+    """Overwrite the stored bytes behind the store's back (bit rot, a bad copy, truncation)."""
+    store = backend.store
+    if isinstance(store, LocalArtifactStore):
+        store.path_for(uri).write_bytes(data)
+    elif isinstance(store, MemoryArtifactStore):
+        store.objects[uri.split("/", 3)[3]] = data
+    else:
+        assert isinstance(store, S3ArtifactStore)
+        bucket, key = uri.removeprefix("s3://").split("/", 1)
+        store.client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def _verified(backend: Backend, stored: Any) -> Any:
+    return backend.store.verified_reader(
+        stored.uri, expected_hash=stored.content_hash, expected_size_bytes=stored.size_bytes
+    )
+
+
+def test_artifact_store_verified_reader_reads_intact_multipart_object(backend: Backend) -> None:
+    data = os.urandom(2 * PART_SIZE_BYTES + 12_345)
+    stored = _write_in_chunks(backend.store, "runs/r/s/1/intact", data, chunk_bytes=MiB + 3)
+
+    with _verified(backend, stored) as f:
+        assert f.read(10) == data[:10]
+        f.seek(PART_SIZE_BYTES)  # a ranged GET on S3
+        assert f.read(5) == data[PART_SIZE_BYTES : PART_SIZE_BYTES + 5]
+    assert f.verified
+    with _verified(backend, stored) as f:
+        pieces = []
+        while piece := f.read(3 * MiB):
+            pieces.append(piece)
+        assert f.verified
+    assert b"".join(pieces) == data
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("read", ["whole", "partial"])
+def test_artifact_store_verified_reader_refuses_a_flipped_byte(
+    backend: Backend, where: str, read: str
+) -> None:
+    data = os.urandom(PART_SIZE_BYTES + 7)
+    stored = backend.store.put_bytes("runs/r/s/1/flipped", data)
+    at = 0 if where == "first" else len(data) - 1
+    damaged = bytearray(data)
+    damaged[at] ^= 0x80
+    _replace_object(backend, stored.uri, bytes(damaged))
+
+    with pytest.raises(ArtifactIntegrityError) as info, _verified(backend, stored) as f:
+        f.read() if read == "whole" else f.read(100)
+
+    assert info.value.expected_hash == stored.content_hash
+    assert info.value.actual_hash == _sha256(bytes(damaged))
+    assert stored.uri in str(info.value)
+
+
+@pytest.mark.parametrize("keep", [0, PART_SIZE_BYTES], ids=["empty", "one-part"])
+def test_artifact_store_verified_reader_refuses_a_truncated_object(
+    backend: Backend, keep: int
+) -> None:
+    data = os.urandom(PART_SIZE_BYTES + 7)
+    stored = backend.store.put_bytes("runs/r/s/1/truncated", data)
+    _replace_object(backend, stored.uri, data[:keep])
+
+    with pytest.raises(ArtifactIntegrityError, match="truncated") as info:  # noqa: SIM117
+        with _verified(backend, stored) as f:
+            assert f.read() == data[:keep]
+
+    assert (info.value.actual_size_bytes, info.value.expected_size_bytes) == (keep, len(data))
+
+
+def test_artifact_store_verified_numpy_load_names_corruption_not_a_parse_error(
+    backend: Backend,
+) -> None:
+    np = pytest.importorskip("numpy")
+    from zenml_workers.sdk.materializers import NumpyMaterializer
+
+    with backend.store.writer("runs/r/s/1/array.npy") as w:
+        NumpyMaterializer().save(np.arange(1024 * 1024, dtype=np.float64), w)  # type: ignore[arg-type]
+    stored = w.result
+    assert stored is not None
+    data = backend.store.get_bytes(stored.uri)
+    _replace_object(backend, stored.uri, data[: len(data) // 3])  # numpy raises on this
+
+    with pytest.raises(ArtifactIntegrityError) as info, _verified(backend, stored) as f:
+        NumpyMaterializer().load(f, None)
+    assert info.value.actual_size_bytes == len(data) // 3
 
 
 # -- S3 failures against the real server --------------------------------------------

@@ -20,7 +20,7 @@ from scheduler.recovery import RecoveryPolicy
 from scheduler.service import SchedulerService
 from tests.pipelines import cluster as pl
 from tests.services.celery import REPO_ROOT, service_env, start_celery_worker
-from tests.services.process import ServiceProcess, wait_until
+from tests.services.process import TEST_SECRET_KEY, ServiceProcess, wait_until
 from zenml_workers import Client, submit
 from zenml_workers.errors import NoWorkerForQueueError, StepFailedError
 from zenml_workers.sdk.stack import close_stacks
@@ -46,6 +46,7 @@ def cluster(
     logs = tmp_path_factory.mktemp("cluster")
     env = {
         "ZW_BROKER_URL": redis_server.db_url(3),
+        "ZW_SECRET_KEY": TEST_SECRET_KEY,
         "ZW_METADATA_URL": postgres_server.create_database(f"cluster_{uuid.uuid4().hex[:8]}"),
         "ZW_ARTIFACT_URI": f"s3://{s3_server.make_bucket()}/artifacts",
         "ZW_S3_ENDPOINT_URL": s3_server.endpoint_url,
@@ -60,6 +61,7 @@ def cluster(
     }
     settings = Settings(
         broker_url=env["ZW_BROKER_URL"],
+        secret_key=TEST_SECRET_KEY,
         metadata_url=env["ZW_METADATA_URL"],
         artifact_uri=env["ZW_ARTIFACT_URI"],
         s3_endpoint_url=env["ZW_S3_ENDPOINT_URL"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import uuid
@@ -34,6 +35,14 @@ def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[MetadataStore]:
     st.dispose()
 
 
+def _code(inv: str) -> bytes:
+    return f"code of {inv}".encode()
+
+
+def _code_hash(inv: str) -> str:
+    return "sha256:" + hashlib.sha256(_code(inv)).hexdigest()
+
+
 def step(
     inv: str,
     *,
@@ -51,7 +60,7 @@ def step(
     return StepSpec(
         invocation_id=inv,
         name=inv.split("_")[0],
-        code_hash=f"sha256:code-{inv}",
+        code_hash=_code_hash(inv),
         source_hash=f"sha256:src-{inv}",
         inputs=ins,
         upstream=upstream,
@@ -70,7 +79,7 @@ def plan(
 ) -> tuple[str, list[Any]]:
     run_id = str(uuid.uuid4())
     blobs = [
-        {"code_hash": s.code_hash, "name": s.name, "source": "", "pickled": b"x"}
+        {"code_hash": s.code_hash, "name": s.name, "source": "", "pickled": _code(s.invocation_id)}
         for s in spec.steps
     ]
     with st.transaction() as s:
@@ -319,8 +328,12 @@ def test_recovery_requeues_expired_leases_then_gives_up(store: MetadataStore) ->
         again = recover(s, now=NOW + 11, policy=RecoveryPolicy())
     assert [x.task.invocation_id for x in again] == ["a"]
     assert claim(store, again[0], now=NOW + 12, lease_s=10) is not None
+    with store.transaction() as s:  # a second lost worker is tolerated too
+        third = recover(s, now=NOW + 23, policy=RecoveryPolicy())
+    assert [x.task_id for x in third] == [q.task_id(third[0].task.step_run_id, 3)]
+    assert claim(store, third[0], now=NOW + 24, lease_s=10) is not None
     with store.transaction() as s:
-        assert recover(s, now=NOW + 30, policy=RecoveryPolicy()) == []
+        assert recover(s, now=NOW + 40, policy=RecoveryPolicy()) == []
     assert statuses(store, run_id) == {"a": "failed"}
     assert run_status(store, run_id) == "failed"
 
@@ -498,6 +511,23 @@ def test_recovery_expires_leases_of_a_silent_worker_at_once(store: MetadataStore
     assert [x.task_id for x in requeued] == [q.task_id(row.id, 2)]
 
 
+def test_a_worker_hands_back_leases_of_its_dead_pool_processes(store: MetadataStore) -> None:
+    _, queued = plan(store, pipeline(step("a"), step("b"), step("c")))
+    with store.transaction() as s:
+        for qs, pid, started in (
+            (queued[0], 101, NOW),
+            (queued[1], 102, NOW),
+            (queued[2], 103, NOW + 5),
+        ):
+            q.claim(s, qs.task.step_run_id, host="cpu@vm", pid=pid, lease_s=120, now=started)
+        # 101 died; 103 claimed after the process listing was taken.
+        n = q.expire_orphaned_leases(s, "cpu@vm", alive={100, 102}, seen_at=NOW + 2)
+    assert n == 1
+    with store.transaction() as s:
+        requeued = recover(s, now=NOW + 2, policy=RecoveryPolicy())
+    assert [x.task.invocation_id for x in requeued] == ["a"]
+
+
 def test_recovery_spares_a_worker_that_is_still_beating(store: MetadataStore) -> None:
     _, queued = plan(store, pipeline(step("a")))
     with store.transaction() as s:
@@ -533,6 +563,14 @@ def test_recovery_resends_unsent_and_all_queued_after_a_broker_loss(store: Metad
     assert sorted(x.task_id for x in everything) == sorted(x.task_id for x in queued)
 
 
+def test_recovery_resends_steps_the_broker_lost(store: MetadataStore) -> None:
+    _, queued = plan(store, pipeline(step("a"), step("b")))
+    lost = queued[0].task.step_run_id
+    with store.transaction() as s:
+        resent = recover(s, now=NOW + 1, policy=RecoveryPolicy(), resend=[lost, "no-such-step"])
+    assert [x.task_id for x in resent] == [queued[0].task_id]
+
+
 def test_a_completed_run_drops_its_waiting_message(store: MetadataStore) -> None:
     run_id, queued = plan(store, pipeline(step("a")))
     with store.transaction() as s:
@@ -566,3 +604,12 @@ def test_sqlite_locked_and_full_get_their_own_sentences(tmp_path) -> None:
     assert "stayed locked by another process" in str(locked)
     assert "is full" in str(full) and "free space" in str(full)
     assert "check that the database is running" not in str(locked) + str(full)
+
+
+def test_code_blobs_are_keyed_by_content(store: MetadataStore) -> None:
+    """A writer cannot store other bytes under a hash and so poison it for later runs."""
+    forged = {"code_hash": _code_hash("a"), "name": "a", "source": "", "pickled": b"evil"}
+    with pytest.raises(MetadataStoreError, match="hashes to sha256:"), store.transaction() as s:
+        q.put_code_blobs(s, [forged], NOW)
+    with store.read() as s, pytest.raises(NotFoundError):
+        q.get_code_blob(s, _code_hash("a"))

@@ -71,7 +71,9 @@ def test_submit_with_an_unreachable_broker_records_the_run_for_the_scheduler(
     from stores.metadata.models import StepRunRow
     from tests.services.process import free_port
 
-    settings = Settings(home=tmp_path, broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    settings = Settings(
+        home=tmp_path, broker_url=f"redis://127.0.0.1:{free_port()}/0", secret_key="k"
+    )
     handle = submit(basic.chain, settings=settings, n=2)
 
     assert handle.status == "running"

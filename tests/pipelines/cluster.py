@@ -113,3 +113,14 @@ def overrun(seconds: float = 60.0) -> int:
 @pipeline(enable_cache=False)
 def too_slow():
     overrun()
+
+
+@step(enable_cache=False)
+def guarded(x: int) -> Annotated[int, "value"]:
+    """Only the code-integrity test runs this step (its code blob gets tampered with)."""
+    return x * 3
+
+
+@pipeline(enable_cache=False)
+def integrity(x: int = 1):
+    guarded(x)

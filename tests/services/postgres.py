@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from tests.services.process import (
     SETUP_HINT,
+    ControlledService,
     ServiceError,
     ServiceProcess,
     ServiceUnavailableError,
@@ -30,6 +31,7 @@ from tests.services.process import (
     free_port,
     serve,
 )
+from tests.services.tls import TLSFiles
 
 if TYPE_CHECKING:
     import pytest
@@ -39,7 +41,7 @@ SUPERUSER = "postgres"
 
 
 @dataclass(frozen=True)
-class PostgresServer:
+class PostgresServer(ControlledService):
     """A running PostgreSQL server; ``url_template`` has a ``{database}`` placeholder.
 
     It listens on ``host`` (127.0.0.1) and on each of ``bind_hosts`` (see :meth:`url_for`).
@@ -47,6 +49,9 @@ class PostgresServer:
     back on the same port and cluster folder (:meth:`start`, :meth:`restart`), which keeps
     every committed row, and freeze it (:meth:`pause`). :meth:`stop` is final: it deletes
     the cluster.
+
+    With ``tls`` it refuses connections without TLS (see :func:`start_postgres`); its URLs
+    carry no TLS parameters, and a client passes :attr:`ssl_connect_args` to libpq.
     """
 
     url_template: str
@@ -56,11 +61,25 @@ class PostgresServer:
     process: ServiceProcess | None = field(default=None, repr=False, compare=False)
     workdir: Path | None = field(default=None, repr=False, compare=False)
     bind_hosts: tuple[str, ...] = ()
+    tls: TLSFiles | None = field(default=None, repr=False, compare=False)
 
     @property
     def hosts(self) -> tuple[str, ...]:
         """Every address it listens on: ``host`` first, then ``bind_hosts``."""
         return (self.host, *self.bind_hosts)
+
+    @property
+    def ssl_connect_args(self) -> dict[str, str]:
+        """libpq parameters verifying the server against the test CA, with its client
+        certificate ({} without TLS)."""
+        if self.tls is None:
+            return {}
+        return {
+            "sslmode": "verify-full",
+            "sslrootcert": str(self.tls.ca_file),
+            "sslcert": str(self.tls.client_cert_file),
+            "sslkey": str(self.tls.client_key_file),
+        }
 
     def url(self, database: str) -> str:
         """Return the SQLAlchemy URL (``postgresql+psycopg://``) of ``database``."""
@@ -75,10 +94,6 @@ class PostgresServer:
         if host not in self.hosts:
             raise ValueError(f"PostgreSQL listens on {', '.join(self.hosts)}, not on {host}.")
         return f"postgresql+psycopg://{self.user}@{host}:{self.port}/{database}"
-
-    def is_running(self) -> bool:
-        """Return True while the postmaster this object started is running."""
-        return self.process is not None and self.process.is_running()
 
     def kill(self) -> None:
         """SIGKILL the postmaster and every backend at once, like a crashed machine.
@@ -121,21 +136,6 @@ class PostgresServer:
         self._require_process().stop(timeout_s=15.0)
         self.start(timeout_s)
 
-    def pause(self) -> None:
-        """SIGSTOP the postmaster and its backends: connections hang, nothing is closed."""
-        self._require_process().pause()
-
-    def resume(self) -> None:
-        """SIGCONT the server after :meth:`pause`."""
-        self._require_process().resume()
-
-    def _require_process(self) -> ServiceProcess:
-        if self.process is None:
-            raise RuntimeError(
-                "This PostgresServer did not start PostgreSQL; it cannot control it."
-            )
-        return self.process
-
     def create_database(self, name: str) -> str:
         """Create database ``name`` and return its SQLAlchemy URL.
 
@@ -157,7 +157,8 @@ class PostgresServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _conninfo(self, database: str) -> str:
-        return f"host={self.host} port={self.port} user={self.user} dbname={database} connect_timeout=2"
+        ssl = "".join(f" {k}={v}" for k, v in self.ssl_connect_args.items())
+        return f"host={self.host} port={self.port} user={self.user} dbname={database} connect_timeout=2{ssl}"
 
 
 def find_bindir() -> Path | None:
@@ -197,7 +198,11 @@ def _network_of(address: str) -> str:
 
 
 def start_postgres(
-    timeout_s: float = START_TIMEOUT_S, *, bind_hosts: Sequence[str] = ()
+    timeout_s: float = START_TIMEOUT_S,
+    *,
+    bind_hosts: Sequence[str] = (),
+    tls: TLSFiles | None = None,
+    client_certs: bool = False,
 ) -> PostgresServer:
     """Initialise and start a throw-away cluster (fsync off) on a free loopback port.
 
@@ -208,6 +213,11 @@ def start_postgres(
     such as a :class:`~tests.services.netns.NetworkHost`'s ``service_address``, which must
     exist before the server starts); ``pg_hba.conf`` trusts clients from the subnet of each
     such address (that of its interface, else the address alone).
+
+    With ``tls`` (see :func:`tests.services.tls.make_certificates`) it runs with ``ssl=on``
+    and ``tls.cert_file``, and ``pg_hba.conf`` rejects every TCP connection without TLS;
+    with ``client_certs`` too, a TLS client must also present a certificate that
+    ``tls.ca_file`` signed for its user name (``clientcert=verify-full``).
 
     Raises:
         ServiceUnavailableError: PostgreSQL (``initdb``) or the ``postgres`` user is missing.
@@ -262,6 +272,9 @@ def start_postgres(
                 hba.write("# Extra listen addresses (tests.services.postgres, bind_hosts)\n")
                 for network in dict.fromkeys(_network_of(h) for h in extra_hosts):
                     hba.write(f"host all all {network} trust\n")
+        ssl_argv = _setup_tls(
+            workdir, data, tls, client_certs, pwd.getpwnam(run_as) if run_as else None
+        )
         port = free_port()
         argv = [
             str(bindir / "postgres"),
@@ -275,6 +288,7 @@ def start_postgres(
             "-c", "synchronous_commit=on",
             "-c", "full_page_writes=off",
             "-c", "max_connections=200",
+            *ssl_argv,
         ]  # fmt: skip
         process = ServiceProcess(
             "postgres",
@@ -292,6 +306,7 @@ def start_postgres(
             process=process,
             workdir=workdir,
             bind_hosts=extra_hosts,
+            tls=tls,
         )
         process.start()
         process.wait_until(lambda: _select_one(server._conninfo("postgres")), timeout_s, "SELECT 1")
@@ -301,6 +316,51 @@ def start_postgres(
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     return server
+
+
+def _setup_tls(
+    workdir: Path,
+    data: Path,
+    tls: TLSFiles | None,
+    client_certs: bool,
+    owner: pwd.struct_passwd | None,
+) -> list[str]:
+    """Copy the server's certificate files where PostgreSQL can read them, make
+    ``pg_hba.conf`` refuse plaintext, and return the ``-c ssl...`` arguments ([] without TLS)."""
+    if tls is None:
+        return []
+    folder = workdir / "tls"
+    folder.mkdir()
+    files = {}
+    for name, source in (("server.pem", tls.cert_file), ("server.key", tls.key_file)):
+        files[name] = folder / name
+        shutil.copyfile(source, files[name])
+    files["ca.pem"] = folder / "ca.pem"
+    shutil.copyfile(tls.ca_file, files["ca.pem"])
+    # PostgreSQL refuses a key that is not its own or that others may read.
+    files["server.key"].chmod(0o600)
+    if owner is not None:
+        for path in (folder, *files.values()):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    # The first matching line wins: plaintext TCP is rejected before any "host ... trust".
+    first = [
+        "# TLS only (tests.services.postgres, tls)",
+        "hostnossl all all 0.0.0.0/0 reject",
+        "hostnossl all all ::/0 reject",
+    ]
+    if client_certs:
+        first += [
+            "hostssl all all 0.0.0.0/0 trust clientcert=verify-full",
+            "hostssl all all ::/0 trust clientcert=verify-full",
+        ]
+    hba = data / "pg_hba.conf"
+    hba.write_text("\n".join(first) + "\n" + hba.read_text())
+    return [
+        "-c", "ssl=on",
+        "-c", f"ssl_cert_file={files['server.pem']}",
+        "-c", f"ssl_key_file={files['server.key']}",
+        "-c", f"ssl_ca_file={files['ca.pem']}",
+    ]  # fmt: skip
 
 
 @fixture(scope="session")

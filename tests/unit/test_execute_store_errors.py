@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from scheduler.backoff import Backoff
 from scheduler.specs import OutputSpec, StepSpec
 from stores.artifacts.memory import MemoryArtifactStore
-from stores.errors import ArtifactStoreUnavailableError
+from stores.errors import ArtifactStoreError, ArtifactStoreUnavailableError
 from zenml_workers.errors import MaterializerError
 from zenml_workers.worker.execute import _store_outputs
 
@@ -68,3 +69,26 @@ def test_store_outputs_names_the_store_when_it_stays_away() -> None:
 def test_store_outputs_still_blames_a_value_no_materializer_can_save() -> None:
     with pytest.raises(MaterializerError, match="register a materializer"):
         _save(FlakyStore(failures=0), (x for x in "not picklable"), budget_s=1)
+
+
+@pytest.mark.parametrize(
+    ("invocation_id", "output"),
+    [("train", "v#x"), ("train", "v?x"), ("train", "../../../escape"), ("../other-run", "model")],
+    ids=["hash", "query", "dotdot-output", "dotdot-step"],
+)
+def test_store_outputs_refuses_a_name_that_would_leave_its_key(
+    invocation_id: str, output: str
+) -> None:
+    # Definition-time checks refuse these names; a spec made by hand must still not escape
+    # its run's folder or collide with another output once its URI is parsed.
+    spec = replace(
+        STEP, invocation_id=invocation_id, outputs=(OutputSpec(output, "builtins:int", JSON),)
+    )
+    store = FlakyStore(failures=0)
+    before = dict(store.objects)
+    row = SimpleNamespace(run_id=str(uuid.uuid4()), id="sr-1")
+
+    with pytest.raises(ArtifactStoreError, match="relative path"):
+        _store_outputs(spec, 41, row, 1, store, [], now=0.0, backoff=Backoff(0.001, 0.002, 0.01))
+
+    assert store.objects == before

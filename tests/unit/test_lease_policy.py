@@ -87,12 +87,21 @@ def test_lease_redelivery_drops_steps_that_are_not_running(holder: object) -> No
 
 
 def test_lease_redelivery_gives_up_once_out_of_attempts() -> None:
-    # Every step gets one redelivery after a lost worker, however few retries it has...
+    # Two lost workers are tolerated on top of a step's own attempts...
     assert _decide(_holder(attempt=1, max_attempts=1)) is Redelivery.TAKE_OVER
-    assert _decide(_holder(attempt=2, max_attempts=1)) is Redelivery.GIVE_UP
-    # ...and a step with retries may use all of them.
-    assert _decide(_holder(attempt=2, max_attempts=3)) is Redelivery.TAKE_OVER
-    assert _decide(_holder(attempt=3, max_attempts=3)) is Redelivery.GIVE_UP
+    assert _decide(_holder(attempt=2, max_attempts=1)) is Redelivery.TAKE_OVER
+    assert _decide(_holder(attempt=3, max_attempts=1)) is Redelivery.GIVE_UP
+    # ...so worker deaths never use up the retries a step has for its own exceptions.
+    assert _decide(_holder(attempt=4, max_attempts=3)) is Redelivery.TAKE_OVER
+    assert _decide(_holder(attempt=5, max_attempts=3)) is Redelivery.GIVE_UP
+
+
+def test_lease_orphaned_attempts_are_those_of_processes_gone_before_the_listing() -> None:
+    alive = {10, 11}
+    assert LeasePolicy.orphaned(12, 99.0, alive=alive, seen_at=100.0)
+    assert not LeasePolicy.orphaned(11, 99.0, alive=alive, seen_at=100.0)
+    # Claimed after the listing: maybe a child forked since then.
+    assert not LeasePolicy.orphaned(12, 100.5, alive=alive, seen_at=100.0)
 
 
 def test_backoff_bounds_grow_exponentially_to_the_cap() -> None:

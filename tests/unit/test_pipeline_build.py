@@ -720,3 +720,63 @@ def test_build_concurrent_builds_do_not_mix() -> None:
         t.join(timeout=30)
     assert not errors
     assert results == {"x": ["x_0", "x_1", "x_2"], "y": [f"y_{i}" for i in range(5)]}
+
+
+# -- names ----------------------------------------------------------------------------------------
+
+BAD_IDS = [
+    ("v#x", "'#'"),
+    ("v?x", "'?'"),
+    ("a/b", "'/'"),
+    ("..", "'.'"),
+    ("a.b", "'.'"),  # the key joins the id, the attempt and the output name with dots
+    ("modèle", "'è'"),
+    ("two words", "U+0020"),
+]
+
+
+@pytest.mark.parametrize(("bad", "named"), BAD_IDS, ids=repr)
+def test_build_refuses_an_invocation_id_that_is_not_a_name(bad: str, named: str) -> None:
+    def body() -> None:
+        basic.source(n=1, id=bad)
+
+    with pytest.raises(PipelineDefinitionError) as info:
+        _build(body)
+
+    message = str(info.value)
+    assert f"id={bad!r}" in message and named in message, message
+    assert "letters, digits, '_' and '-'" in message
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        ("v#x", "'#'"),
+        ("v?x", "'?'"),
+        ("a/b", "'/'"),
+        ("a..b", "'..'"),
+        (".hidden", "start with '.'"),
+        ("modèle", "'è'"),
+        ("my pipeline", "U+0020"),
+    ],
+    ids=repr,
+)
+def test_pipeline_name_is_checked_at_decoration_and_in_with_options(bad: str, named: str) -> None:
+    def body() -> None:
+        basic.source(n=1)
+
+    with pytest.raises(PipelineDefinitionError) as info:
+        pipeline(name=bad)(body)
+    assert named in str(info.value) and "letters, digits" in str(info.value)
+    with pytest.raises(PipelineDefinitionError, match="the name"):
+        basic.chain.with_options(name=bad)
+
+
+def test_pipeline_and_invocation_names_with_dots_dashes_and_digits_are_kept() -> None:
+    def body() -> None:
+        basic.source(n=1, id="load-2024_v2")
+
+    built = pipeline(name="team.train-v2")(body).build()
+
+    assert built.spec.name == "team.train-v2"
+    assert _ids(built) == ["load-2024_v2"]

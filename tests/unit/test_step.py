@@ -508,3 +508,101 @@ def test_step_with_options_keeps_code_identity() -> None:
     other = basic.add.with_options(retries=4)
     assert other.source_hash == basic.add.source_hash
     assert other.code_blob().code_hash == basic.add.code_blob().code_hash
+
+
+# -- names ----------------------------------------------------------------------------------------
+
+#: Names refused everywhere, with the character (or rule) the error must name.
+BAD_NAMES = [
+    ("v#x", "'#'"),
+    ("v?x", "'?'"),
+    ("a/b", "'/'"),
+    ("..", "'.'"),
+    ("a..b", "'..'"),
+    (".hidden", "start with '.'"),
+    ("modèle", "'è'"),
+    ("two words", "U+0020"),
+    ("tab\tname", "U+0009"),
+    ("", "empty"),
+    ("x" * 201, "over the limit"),
+]
+
+
+def _returning(annotation: Any) -> Any:
+    """A function with this return annotation (a real object: this module's are strings)."""
+
+    def make() -> None:
+        return None
+
+    make.__annotations__ = {"return": annotation}
+    return make
+
+
+@pytest.mark.parametrize(("bad", "named"), BAD_NAMES, ids=repr)
+def test_step_output_name_is_checked_at_decoration(bad: str, named: str) -> None:
+    with pytest.raises(StepDefinitionError) as info:
+        step(_returning(Annotated[int, bad]))
+
+    message = str(info.value)
+    assert named in message, message
+    assert "Annotated[..., 'name']" in message
+    assert "letters, digits" in message or "limit" in message
+
+
+@pytest.mark.parametrize(("bad", "named"), BAD_NAMES, ids=repr)
+def test_step_tuple_output_names_are_checked_at_decoration(bad: str, named: str) -> None:
+    with pytest.raises(StepDefinitionError, match="output name") as info:
+        step(_returning(tuple[Annotated[int, "fine"], Annotated[int, bad]]))
+    assert named in str(info.value)
+
+
+#: Step names (the default invocation ids) may not hold '.' at all: keys join them with dots.
+BAD_STEP_NAMES = [
+    (bad, "'.'" if "." in bad else named) for bad, named in BAD_NAMES if bad and len(bad) < 200
+] + [("a.b", "'.'")]
+
+
+@pytest.mark.parametrize(("bad", "named"), BAD_STEP_NAMES, ids=repr)
+def test_step_name_is_checked_at_decoration_and_in_with_options(bad: str, named: str) -> None:
+    with pytest.raises(StepDefinitionError) as info:
+
+        @step(name=bad)
+        def make() -> int:
+            return 1
+
+    assert named in str(info.value)
+    with pytest.raises(StepDefinitionError, match="the step name"):
+        basic.add.with_options(name=bad)
+
+
+def test_step_function_with_a_non_ascii_name_needs_a_name_option() -> None:
+    namespace: dict[str, Any] = {}
+    exec("def modèle() -> int:\n    return 1\n", namespace)  # a valid Python identifier
+
+    with pytest.raises(StepDefinitionError, match="'è'.*name="):
+        step(namespace["modèle"])
+    assert step(name="modele")(namespace["modèle"]).name == "modele"
+
+
+def test_step_output_name_that_used_to_collide_is_refused() -> None:
+    # 'v#x' was stored under a key whose s3:// and memory:// URIs parse as output 'v'.
+    @step
+    def plain() -> Annotated[int, "v"]:
+        return 1
+
+    with pytest.raises(StepDefinitionError, match="'#'"):
+
+        @step
+        def hashed() -> tuple[Annotated[int, "v"], Annotated[int, "v#x"]]:
+            return 1, 2
+
+    with pytest.raises(StepDefinitionError, match="'#'"):
+        step(_returning(Annotated[int, "v#x"]))
+    assert list(plain.output_types) == ["v"]
+
+
+@pytest.mark.parametrize(
+    "good", ["v", "model_v2", "train-set", "weights.npy", "A.b-c_1", "x" * 200]
+)
+def test_step_output_names_with_letters_digits_dots_and_dashes_are_kept(good: str) -> None:
+    assert list(step(_returning(Annotated[int, good])).output_types) == [good]

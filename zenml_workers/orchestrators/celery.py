@@ -22,9 +22,11 @@ class CeleryOrchestrator(Orchestrator):
     def __init__(self, settings: Settings, metadata: MetadataStore) -> None:
         super().__init__(settings, metadata)
         from zenml_workers.worker.celery_app import RunEvents, create_app
+        from zenml_workers.worker.signing import require_key
 
+        require_key(settings, "client")
         self.app = create_app(settings)
-        self.events = RunEvents(settings.broker_url or "")
+        self.events = RunEvents(settings.broker_url or "", settings.broker_ssl_options())
         self._subs: dict[str, Any] = {}
         self._lock = threading.Lock()
 

@@ -26,12 +26,12 @@ from zenml_workers.settings import Settings
 log = logging.getLogger("zenml_workers.local")
 
 
-def _child_main(settings_json: str, tasks: Any, results: Any) -> None:
+def _child_main(settings: Settings, tasks: Any, results: Any) -> None:
     """Loop of one worker process: run tasks until the ``None`` sentinel."""
     from zenml_workers.worker.context import WorkerContext
     from zenml_workers.worker.execute import execute_step
 
-    ctx = WorkerContext.from_settings(Settings.model_validate_json(settings_json))
+    ctx = WorkerContext.from_settings(settings)
     while True:
         item = tasks.get()
         if item is None:
@@ -89,7 +89,8 @@ class LocalPool:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         ctx: Any = multiprocessing.get_context(method)
         self._tasks, self._results = ctx.SimpleQueue(), ctx.SimpleQueue()
-        payload = self.settings.model_dump_json()
+        # The object itself (inherited by fork, pickled by spawn): a JSON dump masks secrets.
+        payload = self.settings
         self._procs = [
             ctx.Process(
                 target=_child_main,

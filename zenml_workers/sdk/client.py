@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from scheduler.specs import PipelineSpec
-from zenml_workers.errors import NotFoundError
+from zenml_workers.errors import ArtifactIntegrityError, NotFoundError
 from zenml_workers.sdk.stack import Stack, get_stack
 
 if TYPE_CHECKING:
@@ -38,17 +38,47 @@ class ArtifactView:
     _stack: Stack = field(repr=False, compare=False)
 
     def load(self) -> Any:
-        """Load the value with the materializer that saved it.
+        """Load the value with the materializer that saved it, checking every byte read
+        against the hash and size recorded when it was written.
 
         Raises:
+            ArtifactIntegrityError: the stored bytes changed since (flipped, truncated,
+                replaced); the artifact is then marked corrupt, so caching skips it.
             ArtifactNotFoundError: the object is gone from the artifact store.
             MaterializerError: its materializer cannot be imported here.
         """
         from zenml_workers.sdk.materializers.registry import load_materializer, resolve_type
 
         store = _store_for(self._stack, self.uri)
-        with store.reader(self.uri) as fp:
-            return load_materializer(self.materializer)().load(fp, resolve_type(self.data_type))
+        materializer = load_materializer(self.materializer)()
+        try:
+            with store.verified_reader(
+                self.uri, expected_hash=self.content_hash, expected_size_bytes=self.size_bytes
+            ) as fp:
+                return materializer.load(fp, resolve_type(self.data_type))
+        except ArtifactIntegrityError as e:
+            raise self._record_corrupt(e) from e.__cause__
+
+    def _record_corrupt(self, e: ArtifactIntegrityError) -> ArtifactIntegrityError:
+        """Name this artifact in ``e`` and mark it corrupt (best effort) so caching skips it."""
+        import logging
+        import time
+
+        from stores.metadata import queries as q
+
+        named = e.with_origin(artifact_id=self.id, artifact_name=self.name)
+        try:
+            with self._stack.metadata.transaction() as s:
+                origin = q.mark_artifact_corrupt(s, self.id, now=time.time())
+        except Exception:  # the load fails on the corrupt bytes either way
+            logging.getLogger("zenml_workers.client").warning(
+                "could not mark artifact %s corrupt", self.id, exc_info=True
+            )
+            return named.with_origin(run_id=self.producer_run_id)
+        if origin is None:
+            return named.with_origin(run_id=self.producer_run_id)
+        run_id, invocation_id = origin
+        return named.with_origin(run_id=run_id, step=invocation_id, recorded=True)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from zenml_workers.sdk.annotations import (
     types_compatible,
     value_matches,
 )
+from zenml_workers.sdk.names import name_problem
 from zenml_workers.sdk.resources import resolve_queue, settings_to_json
 
 if TYPE_CHECKING:
@@ -141,6 +142,9 @@ class BuildContext:
         if requested is not None:
             if not isinstance(requested, str) or not requested:
                 raise self.error(step_name, f"id={requested!r} must be a non-empty string")
+            problem = name_problem(requested, dots=False)
+            if problem is not None:
+                raise self.error(step_name, f"id={requested!r} {problem}")
             if requested in self.invocations:
                 raise self.error(
                     requested,

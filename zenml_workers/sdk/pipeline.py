@@ -20,6 +20,7 @@ from scheduler.specs import PipelineSpec, canonical_json
 from zenml_workers.errors import PipelineDefinitionError
 from zenml_workers.sdk.annotations import admits_none, describe_type, value_matches
 from zenml_workers.sdk.graph import BuildContext, build_context, current_build
+from zenml_workers.sdk.names import name_problem
 from zenml_workers.sdk.resources import settings_to_json
 from zenml_workers.sdk.source import CodeBlob
 from zenml_workers.sdk.step import type_hints_of
@@ -75,6 +76,12 @@ class Pipeline:
         if not isinstance(config.name, str) or not config.name:
             raise PipelineDefinitionError(
                 "a pipeline name must be a non-empty string; pass name='my_pipeline' or leave it out"
+            )
+        problem = name_problem(config.name)
+        if problem is not None:
+            raise PipelineDefinitionError(
+                f"pipeline {config.name!r}: the name {problem}; pass another one with "
+                "@pipeline(name=...)"
             )
         if not isinstance(config.enable_cache, bool):
             raise PipelineDefinitionError(

@@ -50,7 +50,8 @@ def submit(
 
     Raises:
         PipelineDefinitionError: the pipeline is mis-wired (raised before anything runs).
-        ConfigurationError: a step names a queue the stack does not know.
+        ConfigurationError: a step names a queue the stack does not know, or a cluster stack
+            has no signing key (``ZW_SECRET_KEY``).
         MetadataStoreError: the metadata store cannot be reached.
     """
     from scheduler.dispatch import plan_run
@@ -59,6 +60,10 @@ def submit(
     stack = get_stack(settings)
     built = pipeline.build(**params)
     stack.check()
+    if not stack.settings.is_embedded:
+        from zenml_workers.worker.signing import require_key
+
+        require_key(stack.settings, "client")  # before anything is written
     spec = built.spec
     if not stack.settings.enable_cache:
         # ZW_ENABLE_CACHE=false switches caching off for every step of every pipeline.

@@ -63,7 +63,7 @@ def get_stack(settings: Settings | None = None) -> Stack:
         from zenml_workers.settings import load_settings  # pydantic: only once a run needs it
 
         settings = load_settings()
-    key = settings.model_dump_json()
+    key = settings.identity()
     with _lock:
         stack = _stacks.get(key)
         if stack is None:
@@ -72,7 +72,10 @@ def get_stack(settings: Settings | None = None) -> Stack:
 
             stack = Stack(
                 settings=settings,
-                metadata=MetadataStore(settings.resolved_metadata_url()),
+                metadata=MetadataStore(
+                    settings.resolved_metadata_url(),
+                    connect_args=settings.metadata_connect_args(),
+                ),
                 artifacts=artifact_store_from_uri(
                     settings.resolved_artifact_uri(), **settings.s3_options()
                 ),

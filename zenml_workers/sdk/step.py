@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar, get_args, get_origin, overload
 from scheduler.specs import OutputSpec
 from zenml_workers.errors import StepDefinitionError
 from zenml_workers.sdk.graph import StepOutput, StepOutputs, current_build
+from zenml_workers.sdk.names import name_problem
 from zenml_workers.sdk.resources import Resources, resolve_queue, settings_to_json
 from zenml_workers.sdk.source import CodeBlob, code_blob, function_source, source_hash
 
@@ -50,6 +51,9 @@ def _check_config(cfg: StepConfig) -> None:
 
     if not isinstance(cfg.name, str) or not cfg.name:
         raise bad("name= must be a non-empty string; pass name='my_step' or leave it out")
+    problem = name_problem(cfg.name, dots=False)
+    if problem is not None:
+        raise bad(f"the step name {problem}; pass another with name= (in @step or with_options)")
     if cfg.enable_cache is not None and not isinstance(cfg.enable_cache, bool):
         raise bad(f"enable_cache={cfg.enable_cache!r} must be True, False or None")
     if isinstance(cfg.retries, bool) or not isinstance(cfg.retries, int) or cfg.retries < 0:
@@ -93,6 +97,15 @@ def _named(tp: Any) -> tuple[str | None, Any]:
     return None, tp
 
 
+def _check_output_name(step_name: str, name: str) -> None:
+    problem = name_problem(name)
+    if problem is not None:
+        raise StepDefinitionError(
+            f"step '{step_name}': output name {name!r} {problem}; rename it in "
+            "Annotated[..., 'name']"
+        )
+
+
 def parse_outputs(step_name: str, hints: dict[str, Any]) -> dict[str, Any]:
     """Output names and types from the return annotation, in order.
 
@@ -101,7 +114,8 @@ def parse_outputs(step_name: str, hints: dict[str, Any]) -> dict[str, Any]:
     members gives one output per member (unnamed ones are ``output_<i>``).
 
     Raises:
-        StepDefinitionError: when two outputs share a name.
+        StepDefinitionError: when two outputs share a name, or a name is not a valid
+            name (see :mod:`zenml_workers.sdk.names`).
     """
     if "return" not in hints:
         return {"output": Any}
@@ -112,6 +126,7 @@ def parse_outputs(step_name: str, hints: dict[str, Any]) -> dict[str, Any]:
         return {"output": Any}
     name, inner = _named(ret)
     if name is not None:
+        _check_output_name(step_name, name)
         return {name: inner}
     args = get_args(inner) if get_origin(inner) is tuple else ()
     if len(args) < 2 or args[-1] is Ellipsis:
@@ -119,6 +134,8 @@ def parse_outputs(step_name: str, hints: dict[str, Any]) -> dict[str, Any]:
     outputs: dict[str, Any] = {}
     for i, member in enumerate(args):
         member_name, member_type = _named(member)
+        if member_name is not None:
+            _check_output_name(step_name, member_name)
         member_name = member_name or f"output_{i}"
         if member_name in outputs:
             raise StepDefinitionError(

@@ -28,7 +28,7 @@ import kombu
 from kombu.transport import redis as kombu_redis
 from kombu.utils.json import loads as kombu_loads
 
-from zenml_workers.errors import BrokerUnavailableError
+from zenml_workers.errors import BrokerUnavailableError, ConfigurationError
 
 log = logging.getLogger("zenml_workers.worker")
 
@@ -51,7 +51,9 @@ _PLAIN_ENCODINGS = ("utf-8",)
 _BASE64 = "base64"
 
 
-def celery_config(broker_url: str | None) -> dict[str, Any]:
+def celery_config(
+    broker_url: str | None, ssl_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Celery settings that make workers and producers on ``broker_url`` use :class:`Transport`.
 
     An explicit ``broker_transport`` wins over the URL's scheme, so kombu no longer sees
@@ -59,7 +61,9 @@ def celery_config(broker_url: str | None) -> dict[str, Any]:
     ``broker_use_ssl`` with verified certificates, as redis-py does for the same URL (stock
     kombu would not verify them). ``ssl_*`` parameters in the URL's query still take precedence (kombu reads them over
     ``broker_use_ssl``), e.g. ``rediss://host:6380/0?ssl_cert_reqs=none`` for a self-signed
-    certificate. Other brokers get nothing: ``{}``.
+    certificate. ``ssl_options`` (:meth:`~zenml_workers.settings.Settings.broker_ssl_options`:
+    the CA and client certificate files) are added to ``broker_use_ssl``. Other brokers get
+    nothing: ``{}``.
     """
     scheme = urlsplit(broker_url).scheme if broker_url else ""
     if scheme not in ("redis", "rediss"):
@@ -73,8 +77,27 @@ def celery_config(broker_url: str | None) -> dict[str, Any]:
     config: dict[str, Any] = {"broker_transport": TLS_TRANSPORT}
     query = parse_qs(urlsplit(broker_url).query) if broker_url else {}
     if not any(key.startswith("ssl_") for key in query):
-        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, **(ssl_options or {})}
     return config
+
+
+def tls_transport_options(
+    broker_url: str | None, ssl_options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A ``broker_transport_options`` entry that keeps apps with other TLS settings apart.
+
+    kombu shares connections process-wide (``kombu.pools.connections``, which Celery's
+    producers use), keyed by host, port, credentials and transport options, but not by
+    ``broker_use_ssl`` nor the URL's ``ssl_*`` query: a second app in the process with other
+    CA or client certificate files would borrow a connection verified against the first
+    one's CA, or not verified at all. Empty for brokers that are not ``rediss://``.
+    """
+    if not broker_url or urlsplit(broker_url).scheme != "rediss":
+        return {}
+    query = parse_qs(urlsplit(broker_url).query)
+    in_url = sorted((k, v) for k, vs in query.items() if k.startswith("ssl_") for v in vs)
+    given = sorted((k, str(v)) for k, v in (ssl_options or {}).items())
+    return {"zw_tls": repr((given, in_url))}
 
 
 def check_envelope(payload: object) -> str | None:
@@ -258,21 +281,30 @@ class DeadLetter:
 class DeadLetterList:
     """The ``zw:dead-letter`` list on one Redis client (a ``redis.Redis``): newest first, capped."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, url: str | None = None) -> None:
         self.client = client
+        #: The broker's URL, named in errors (None: unknown).
+        self.url = url
 
     @classmethod
-    def from_url(cls, broker_url: str) -> DeadLetterList:
-        """The list in the database of the Redis broker at ``broker_url`` (connects lazily)."""
+    def from_url(
+        cls, broker_url: str, ssl_options: Mapping[str, Any] | None = None
+    ) -> DeadLetterList:
+        """The list in the database of the Redis broker at ``broker_url`` (connects lazily).
+
+        ``ssl_options`` are redis-py's TLS arguments
+        (:meth:`~zenml_workers.settings.Settings.broker_ssl_options`).
+        """
         import redis
 
-        return cls(redis.Redis.from_url(broker_url))
+        return cls(redis.Redis.from_url(broker_url, **(ssl_options or {})), broker_url)
 
     def push(self, letter: DeadLetter) -> None:
         """Add ``letter`` and trim the list to the newest :data:`DEAD_LETTER_LIMIT` records.
 
         Raises:
             BrokerUnavailableError: Redis could not be reached or refused the write.
+            ConfigurationError: the TLS connection failed in a way no retry fixes.
         """
         try:
             # One MULTI/EXEC, so the list is never seen past its cap.
@@ -281,18 +313,19 @@ class DeadLetterList:
                 pipe.ltrim(DEAD_LETTER_KEY, 0, DEAD_LETTER_LIMIT - 1)
                 pipe.execute()
         except _redis_errors() as e:
-            raise _unavailable("write", e) from e
+            raise _unavailable("write", e, self.url) from e
 
     def newest(self, limit: int) -> list[DeadLetter | str]:
         """The newest ``limit`` records; an entry that is not a record comes back as its text.
 
         Raises:
             BrokerUnavailableError: Redis could not be reached.
+            ConfigurationError: the TLS connection failed in a way no retry fixes.
         """
         try:
             items = self.client.lrange(DEAD_LETTER_KEY, 0, limit - 1) if limit > 0 else []
         except _redis_errors() as e:
-            raise _unavailable("read", e) from e
+            raise _unavailable("read", e, self.url) from e
         out: list[DeadLetter | str] = []
         for item in items:
             try:
@@ -306,6 +339,7 @@ class DeadLetterList:
 
         Raises:
             BrokerUnavailableError: Redis could not be reached.
+            ConfigurationError: the TLS connection failed in a way no retry fixes.
         """
         try:
             with self.client.pipeline() as pipe:
@@ -313,11 +347,39 @@ class DeadLetterList:
                 pipe.delete(DEAD_LETTER_KEY)
                 count, _ = pipe.execute()
         except _redis_errors() as e:
-            raise _unavailable("clear", e) from e
+            raise _unavailable("clear", e, self.url) from e
         return int(count)
 
 
-def _unavailable(verb: str, error: BaseException) -> BrokerUnavailableError:
+def tls_refusal(error: BaseException, broker_url: str | None = None) -> str | None:
+    """The sentence for a TLS failure of the Redis broker that no retry fixes (an untrusted
+    certificate, a wrong host name, a missing client certificate), or None for other errors.
+
+    ``broker_url`` is named in it (its password hidden) when given.
+    """
+    from stores import tls
+    from stores.metadata.store import redact_url
+
+    found = tls.refusal(error)
+    if found is None:
+        return None
+    return tls.sentence(
+        "the broker (Redis)",
+        found,
+        where=redact_url(broker_url) if broker_url else None,
+        ca_var="ZW_BROKER_CA_FILE",
+        url_var="ZW_BROKER_URL",
+        cert_vars="ZW_BROKER_CERT_FILE and ZW_BROKER_KEY_FILE",
+        enable_tls="use a rediss:// ZW_BROKER_URL",
+    )
+
+
+def _unavailable(
+    verb: str, error: BaseException, url: str | None = None
+) -> BrokerUnavailableError | ConfigurationError:
+    refused = tls_refusal(error, url)
+    if refused is not None:
+        return ConfigurationError(f"could not {verb} {DEAD_LETTER_KEY}: {refused}")
     return BrokerUnavailableError(
         f"could not {verb} {DEAD_LETTER_KEY} on the broker ({error}); "
         "check that Redis is up and that ZW_BROKER_URL points at it"
@@ -356,15 +418,25 @@ def bury(
 
 
 def drop_step_task(
-    broker_url: str | None, request: Any, task: object, error: Exception, *, now: float
+    broker_url: str | None,
+    request: Any,
+    task: object,
+    error: Exception,
+    *,
+    now: float,
+    reason: str | None = None,
+    ssl_options: Mapping[str, Any] | None = None,
 ) -> None:
-    """Log and dead-letter a ``zw.step`` message whose argument is not a step task; never raises.
+    """Log and dead-letter a ``zw.step`` message that must not run; never raises.
 
     ``request`` is the Celery task's request (its ``id`` and ``delivery_info``); ``error``
-    is what decoding ``task`` raised; ``now`` is the drop time in Unix seconds.
+    is what decoding ``task`` raised; ``reason`` (default: from ``error``) says why it is
+    refused, e.g. a bad signature; ``now`` is the drop time in Unix seconds;
+    ``ssl_options`` are redis-py's TLS arguments for the broker.
     """
     queue = str((getattr(request, "delivery_info", None) or {}).get("routing_key") or "?")
-    reason = f"argument 'task' is not a step task ({type(error).__name__}: {error})"
+    if reason is None:
+        reason = f"argument 'task' is not a step task ({type(error).__name__}: {error})"
     try:
         raw = json.dumps(task, default=repr)
     except ValueError:  # a circular structure; Celery's JSON cannot produce one
@@ -373,7 +445,7 @@ def drop_step_task(
     if not broker_url or urlsplit(broker_url).scheme not in ("redis", "rediss"):
         bury(None, queue, reason, raw, what=what, now=now)
         return
-    dead = DeadLetterList.from_url(broker_url)
+    dead = DeadLetterList.from_url(broker_url, ssl_options)
     try:
         bury(dead, queue, reason, raw, what=what, now=now)
     finally:

@@ -11,13 +11,14 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from scheduler.dispatch import QueuedStep
 from stores.metadata import queries as q
 from stores.metadata.store import MetadataStore
 from zenml_workers.settings import Settings
+from zenml_workers.worker.signing import signer_for
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -36,7 +37,7 @@ def create_app(settings: Settings) -> Celery:
     """
     from celery import Celery
 
-    from zenml_workers.worker.broker import celery_config
+    from zenml_workers.worker.broker import celery_config, tls_transport_options
 
     app = Celery("zenml_workers", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
@@ -64,16 +65,22 @@ def create_app(settings: Settings) -> Celery:
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": int(settings.visibility_timeout_s)},
+        broker_transport_options={
+            "visibility_timeout": int(settings.visibility_timeout_s),
+            **tls_transport_options(settings.broker_url, settings.broker_ssl_options()),
+        },
         # No step may outlive the visibility timeout (Redis would deliver it again). A global
         # limit also switches on the pool's time-limit handling that steps' timeout_s needs.
         task_time_limit=int(settings.visibility_timeout_s),
         worker_cancel_long_running_tasks_on_connection_loss=False,
         # Our Redis transport: a message that is not a valid envelope is dead-lettered
         # instead of stopping the worker (see zenml_workers.worker.broker).
-        **celery_config(settings.broker_url),
+        **celery_config(settings.broker_url, settings.broker_ssl_options()),
     )
-    app.conf.zw_settings = settings
+    # On the app object, not in app.conf: `celery inspect conf` and Flower show app.conf to
+    # any broker client, and the settings hold credentials.
+    app.zw_settings = settings  # type: ignore[attr-defined]
+    app.zw_signer = signer_for(settings)  # type: ignore[attr-defined]
     from zenml_workers.worker import tasks
 
     tasks.register(app)
@@ -95,7 +102,7 @@ def send_steps(app: Celery, queued: Sequence[QueuedStep]) -> None:
                 limits["countdown"] = q.delay_s
             app.send_task(
                 STEP_TASK,
-                kwargs={"task": q.task.encode()},
+                kwargs={"task": app.zw_signer.sign(q.task.encode())},
                 queue=q.queue,
                 routing_key=q.queue,
                 task_id=q.task_id,
@@ -124,15 +131,21 @@ def send_or_mark_unsent(app: Celery, metadata: MetadataStore, queued: Sequence[Q
         return True
     except broker_errors() as e:
         from stores.metadata.store import redact_url
+        from zenml_workers.worker.broker import tls_refusal
 
-        log.warning(
-            "cannot reach the broker at %s (%s: %s); %d step task(s) recorded as unsent: "
-            "`zw scheduler` sends them once it is back (check ZW_BROKER_URL)",
-            redact_url(str(app.conf.broker_url or "")),
-            type(e).__name__,
-            e,
-            len(queued),
-        )
+        refused = tls_refusal(e, str(app.conf.broker_url or ""))
+        if refused is not None:
+            # No retry from here fixes it; a scheduler configured apart may still send them.
+            log.error("%s; %d step task(s) recorded as unsent", refused, len(queued))
+        else:
+            log.warning(
+                "cannot reach the broker at %s (%s: %s); %d step task(s) recorded as unsent: "
+                "`zw scheduler` sends them once it is back (check ZW_BROKER_URL)",
+                redact_url(str(app.conf.broker_url or "")),
+                type(e).__name__,
+                e,
+                len(queued),
+            )
     with metadata.transaction() as s:
         q.mark_unsent(s, [step.task.step_run_id for step in queued])
     return False
@@ -141,9 +154,11 @@ def send_or_mark_unsent(app: Celery, metadata: MetadataStore, queued: Sequence[Q
 class RunEvents:
     """Run progress over Redis pub/sub, so ``wait()`` wakes without polling the database."""
 
-    def __init__(self, broker_url: str) -> None:
+    def __init__(self, broker_url: str, ssl_options: Mapping[str, Any] | None = None) -> None:
         self.enabled = broker_url.startswith(("redis://", "rediss://", "unix://"))
         self._url = broker_url
+        #: redis-py's TLS arguments (:meth:`~zenml_workers.settings.Settings.broker_ssl_options`).
+        self._ssl_options = dict(ssl_options or {})
         self._client: Any = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
@@ -157,7 +172,7 @@ class RunEvents:
         if self._client is None or self._pid != os.getpid():
             import redis
 
-            self._client = redis.Redis.from_url(self._url)
+            self._client = redis.Redis.from_url(self._url, **self._ssl_options)
             self._pid = os.getpid()
         return self._client
 

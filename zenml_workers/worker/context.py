@@ -37,7 +37,9 @@ class WorkerContext:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerContext:
-        metadata = MetadataStore(settings.resolved_metadata_url())
+        metadata = MetadataStore(
+            settings.resolved_metadata_url(), connect_args=settings.metadata_connect_args()
+        )
         artifacts = artifact_store_from_uri(
             settings.resolved_artifact_uri(), **settings.s3_options()
         )
@@ -51,6 +53,8 @@ class WorkerContext:
 
             if pickled is None:
                 raise LookupError(f"step code {code_hash} is neither cached nor given")
+            # Unpickling runs code: only bytes that hash to what the run recorded.
+            check_code_blob(code_hash, pickled)
             fn = cloudpickle.loads(pickled)
             self.code[code_hash] = fn
             if len(self.code) > 512:
@@ -62,6 +66,41 @@ class WorkerContext:
         if self._leases is None or self._leases.pid != os.getpid():
             self._leases = LeaseKeeper(self)
         return self._leases
+
+
+def check_code_blob(code_hash: str, pickled: bytes) -> None:
+    """Refuse step code whose bytes do not hash to its recorded ``code_hash``.
+
+    Raises:
+        CodeIntegrityError: the blob was altered in the metadata store (or in transit).
+    """
+    import hashlib
+
+    from zenml_workers.errors import CodeIntegrityError
+
+    actual = "sha256:" + hashlib.sha256(pickled).hexdigest()
+    if actual != code_hash:
+        raise CodeIntegrityError(
+            f"step code {code_hash} in the metadata store hashes to {actual}: it was altered "
+            "after the run recorded it, so it is not run; find who can write to the metadata "
+            "store, then resubmit the pipeline"
+        )
+
+
+def child_pids(pid: int) -> set[int]:
+    """Pids of the live (not zombie) children of ``pid``, from ``/proc``."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and int(fields[1]) == pid and fields[0] != b"Z":
+            out.add(int(entry))
+    return out
 
 
 def pid_alive(pid: int) -> bool:

@@ -12,6 +12,8 @@ import logging
 import os
 import time
 import traceback
+from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any, BinaryIO, cast
 
 from scheduler import dispatch
@@ -20,9 +22,10 @@ from scheduler.dispatch import QueuedStep
 from scheduler.lease import LeasePolicy, Redelivery
 from scheduler.specs import StepSpec, StepTask
 from stores.artifacts import ArtifactStore
-from stores.errors import ArtifactStoreError, InfrastructureError
+from stores.errors import ArtifactIntegrityError, ArtifactStoreError, InfrastructureError
 from stores.metadata import queries as q
-from zenml_workers.errors import MaterializerError
+from stores.metadata.store import MetadataStore
+from zenml_workers.errors import CodeIntegrityError, MaterializerError, UntrustedInputError
 from zenml_workers.worker.context import WorkerContext, pid_alive
 from zenml_workers.worker.logcapture import capture_logs
 
@@ -40,9 +43,19 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
         InfrastructureError: the metadata store stayed unreachable for the whole retry
             budget while claiming or committing; nothing was marked failed, and the caller
             gives the message back to the broker.
+        UntrustedInputError: the message names an artifact outside the stack's artifact
+            store; nothing was claimed.
     """
     backoff = ctx.settings.infra_backoff()
     what = f"run {task.run_id} step {task.invocation_id}"
+    carried = _carried_inputs(task)
+    if carried is not None:
+        # Refused before the claim: a bad message must not touch its run.
+        check_trusted(carried.values(), ctx, materializers=False)
+        if not all(_known_materializer(r.materializer, ctx) for r in carried.values()):
+            # Maybe a team's materializer whose module this process has not imported yet:
+            # read the inputs from the metadata store instead of trusting the message's.
+            task = replace(task, inputs=None)
     claimed = call_with_backoff(lambda: _claim(task, ctx), what=f"{what}: claim", policy=backoff)
     if claimed is None:
         log.info("%s: already taken or run ended; dropping task", what)
@@ -51,7 +64,7 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
     ctx.leases.hold(row.id, row.attempt, lease_s)
     written: list[str] = []
     try:
-        artifacts, values, error, tb = _run(step, row, produced, blob, ctx, written)
+        artifacts, values, error, tb, retryable = _run(step, row, produced, blob, ctx, written)
         if error is not None:
             _discard(ctx.artifacts, written)
             log.warning("%s attempt %d failed: %s", what, row.attempt, error)
@@ -68,6 +81,7 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
                         values=values,
                         now=now,
                         retry_delay_s=retry_delay_s(row.attempt, ctx.settings.retry_delay_s),
+                        retry_allowed=retryable,
                     )
 
             follow = call_with_backoff(
@@ -183,24 +197,26 @@ def _run(
     blob: bytes | None,
     ctx: WorkerContext,
     written: list[str],
-) -> tuple[list[dict[str, Any]], dict[str, Any], str | None, str]:
+) -> tuple[list[dict[str, Any]], dict[str, Any], str | None, str, bool]:
     """Load the inputs, call the step and store its outputs, with its logs captured.
 
     Returns the artifact rows, the step-run values (logs, duration) and, when the step
-    (or saving its outputs) raised, the error and its traceback.
+    (or saving its outputs) raised, the error, its traceback and whether a retry may help.
     """
     started = time.time()
     artifacts: list[dict[str, Any]] = []
-    error, tb = None, ""
+    error, tb, retryable = None, "", True
     backoff = ctx.settings.infra_backoff()
     what = f"run {row.run_id} step {step.invocation_id}"
     with capture_logs() as logs:
         try:
             fn = ctx.function(step.code_hash, blob)
+            # After the step's code is loaded: its module registered its materializers.
+            check_trusted(produced.values(), ctx, materializers=True)
             # An unreachable S3 is retried with backoff here, under the infrastructure budget;
             # what remains after it names S3 and fails the attempt like any other error.
             kwargs = call_with_backoff(
-                lambda: _load_inputs(step, produced, ctx.artifacts),
+                lambda: _load_inputs(step, produced, ctx.artifacts, ctx.metadata),
                 what=f"{what}: load inputs",
                 policy=backoff,
             )
@@ -225,8 +241,14 @@ def _run(
             )
         except Exception as e:
             error, tb = _describe(e), traceback.format_exc()
+            # A corrupt input, altered code or an untrusted input fails the same way on every
+            # attempt: retrying would only spend the step's retries.
+            retryable = not isinstance(e, _NOT_RETRIED)
     values = {"logs": logs.text, "step_metadata": {"duration_s": round(time.time() - started, 6)}}
-    return artifacts, values, error, tb
+    return artifacts, values, error, tb, retryable
+
+
+_NOT_RETRIED = (ArtifactIntegrityError, CodeIntegrityError, UntrustedInputError)
 
 
 def _commit(
@@ -282,6 +304,47 @@ def _commit(
     return follow
 
 
+def check_trusted(refs: Iterable[Any], ctx: WorkerContext, *, materializers: bool) -> None:
+    """Refuse artifacts outside the stack's artifact store and, with ``materializers``,
+    materializers that are neither registered nor in an allowed module.
+
+    Raises:
+        UntrustedInputError: naming the artifact and what is wrong with it.
+    """
+    from urllib.parse import unquote
+
+    from zenml_workers.sdk.materializers.registry import materializer_allowed
+
+    root = ctx.artifacts.root_uri.rstrip("/") + "/"
+    for ref in refs:
+        uri = ref.uri
+        if uri and (not uri.startswith(root) or ".." in unquote(uri).split("/")):
+            raise UntrustedInputError(
+                f"input artifact {ref.id} is at {uri}, outside this stack's artifact store "
+                f"{ctx.artifacts.root_uri}; the message is not run (check ZW_ARTIFACT_URI on "
+                "the submitting machine and this worker)"
+            )
+        if materializers and not materializer_allowed(
+            ref.materializer, ctx.settings.materializer_modules
+        ):
+            raise UntrustedInputError(
+                f"input artifact {ref.id} names materializer {ref.materializer}, which is neither "
+                "registered nor in an allowed module; register it in the step's module or add "
+                "its module to ZW_MATERIALIZER_MODULES on the workers"
+            )
+
+
+def _known_materializer(path: str, ctx: WorkerContext) -> bool:
+    """Allowed, or defined in a module this process imported already (importing nothing)."""
+    import sys
+
+    from zenml_workers.sdk.materializers.registry import materializer_allowed
+
+    return materializer_allowed(path, ctx.settings.materializer_modules) or (
+        path.partition(":")[0] in sys.modules
+    )
+
+
 def _carried_inputs(task: StepTask) -> dict[tuple[str, str], q.ArtifactRef] | None:
     """Input artifacts the queueing transaction put in the message, if it did."""
     if task.inputs is None:
@@ -299,8 +362,17 @@ def _describe(e: BaseException) -> str:
 
 
 def _load_inputs(
-    step: StepSpec, produced: dict[tuple[str, str], Any], store: ArtifactStore
+    step: StepSpec,
+    produced: dict[tuple[str, str], Any],
+    store: ArtifactStore,
+    metadata: MetadataStore | None = None,
 ) -> dict[str, Any]:
+    """Load every input, each checked against the hash recorded when it was written.
+
+    Raises:
+        ArtifactIntegrityError: an input's bytes changed since; it is marked corrupt in
+            ``metadata`` (so caching skips it) and the step function is never called.
+    """
     from zenml_workers.sdk.materializers.registry import load_materializer, resolve_type
 
     values: dict[str, Any] = {}
@@ -309,10 +381,40 @@ def _load_inputs(
         for ref in inp.refs:
             art = produced[(ref.step, ref.output)]
             materializer = load_materializer(art.materializer)()
-            with store.reader(art.uri) as fp:
-                loaded.append(materializer.load(fp, resolve_type(art.data_type)))
+            try:
+                with store.verified_reader(art.uri, expected_hash=art.content_hash) as fp:
+                    loaded.append(materializer.load(fp, resolve_type(art.data_type)))
+            except ArtifactIntegrityError as e:
+                named = e.with_origin(
+                    artifact_id=art.id,
+                    artifact_name=ref.output,
+                    step=ref.step,
+                    consumer=f"input '{inp.name}' of step '{step.invocation_id}'",
+                )
+                raise _record_corrupt(named, metadata) from e.__cause__
         values[inp.name] = loaded if inp.is_list else loaded[0]
     return values
+
+
+def _record_corrupt(
+    e: ArtifactIntegrityError, metadata: MetadataStore | None
+) -> ArtifactIntegrityError:
+    """Mark the artifact corrupt so no cache lookup offers it again; name its producer."""
+    if metadata is None or e.artifact_id is None:
+        return e
+    try:
+        with metadata.transaction() as s:
+            origin = q.mark_artifact_corrupt(s, e.artifact_id, now=time.time())
+    except Exception:  # the step fails on the corrupt input either way
+        log.warning(
+            "%s: could not mark artifact %s corrupt", e.consumer, e.artifact_id, exc_info=True
+        )
+        return e
+    if origin is None:
+        return e
+    # No log line here: the failed attempt is logged with its run and step, and this message.
+    run_id, invocation_id = origin
+    return e.with_origin(run_id=run_id, step=invocation_id, recorded=True)
 
 
 def _split_outputs(step: StepSpec, result: Any) -> list[Any]:

@@ -30,7 +30,7 @@ def worker_context(app: Celery) -> WorkerContext:
     if _context is None or _context_pid != os.getpid():
         from zenml_workers.worker.context import WorkerContext
 
-        _context = WorkerContext.from_settings(app.conf.zw_settings)
+        _context = WorkerContext.from_settings(app.zw_settings)
         _context_pid = os.getpid()
     return _context
 
@@ -40,9 +40,11 @@ def register(app: Celery) -> None:
     from celery.exceptions import Reject
 
     from stores.errors import InfrastructureError
+    from zenml_workers.errors import ConfigurationError, UntrustedInputError
     from zenml_workers.worker.celery_app import STEP_TASK, RunEvents, send_or_mark_unsent
+    from zenml_workers.worker.signing import require_key
 
-    events = RunEvents(app.conf.zw_settings.broker_url or "")
+    events = RunEvents(app.zw_settings.broker_url or "", app.zw_settings.broker_ssl_options())
 
     @app.task(
         name=STEP_TASK,
@@ -55,13 +57,25 @@ def register(app: Celery) -> None:
     def run_step(self: Any, task: dict[str, Any]) -> None:
         from zenml_workers.worker.execute import execute_step
 
+        # Nothing of the message is used before its signature is checked.
+        refusal = app.zw_signer.refusal(task)
         try:
+            if refusal is not None:
+                raise PermissionError(refusal)
             step_task = StepTask.decode(task)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, PermissionError) as e:
             from zenml_workers.worker.broker import drop_step_task
 
             # Returning acks it: no redelivery can turn a malformed message into a step.
-            drop_step_task(app.conf.zw_settings.broker_url, self.request, task, e, now=time.time())
+            drop_step_task(
+                app.zw_settings.broker_url,
+                self.request,
+                task,
+                e,
+                now=time.time(),
+                reason=refusal,
+                ssl_options=app.zw_settings.broker_ssl_options(),
+            )
             return
         ctx = worker_context(app)
         if self.request.hostname:
@@ -69,6 +83,19 @@ def register(app: Celery) -> None:
             ctx.host = self.request.hostname
         try:
             follow = execute_step(step_task, ctx)
+        except UntrustedInputError as e:
+            from zenml_workers.worker.broker import drop_step_task
+
+            drop_step_task(
+                app.zw_settings.broker_url,
+                self.request,
+                task,
+                e,
+                now=time.time(),
+                reason=str(e),
+                ssl_options=app.zw_settings.broker_ssl_options(),
+            )
+            return
         except InfrastructureError as e:
             # The database stayed unreachable for the whole retry budget: give the message
             # back instead of acking it into oblivion; whoever takes it next takes over.
@@ -88,6 +115,10 @@ def register(app: Celery) -> None:
         # Before this worker consumes anything: leases recorded under its node name before
         # this moment belong to an earlier process of the same name, which is gone.
         state["booted_at"] = time.time()
+        try:
+            require_key(app.zw_settings, "worker")
+        except ConfigurationError as e:
+            raise UnsignedClusterError(str(e)) from e
         queues = sorted(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
         state["name"], state["queues"] = sender, queues
         if GPU_QUEUE in queues:
@@ -106,6 +137,10 @@ def register(app: Celery) -> None:
         beat = state.get("heartbeat")
         if beat is not None:
             beat.stop()
+
+
+class UnsignedClusterError(SystemExit):
+    """Raised at worker start-up when no signing key is configured (and ``ZW_INSECURE`` is not set)."""
 
 
 class GPUUnavailableError(SystemExit):
@@ -194,7 +229,12 @@ class WorkerHeartbeat:
 
     def _beat(self) -> None:
         from stores.metadata import queries as q
+        from zenml_workers.worker.context import child_pids
 
+        # This runs in the worker's main process, which outlives its pool children: a claim
+        # under this node by a process that is neither it nor a live child is orphaned.
+        seen_at = time.time()
+        alive = {os.getpid(), *child_pids(os.getpid())}
         with worker_context(self.app).metadata.transaction() as s:
             q.worker_heartbeat(
                 s,
@@ -202,11 +242,16 @@ class WorkerHeartbeat:
                 queues=self.queues,
                 host=socket.gethostname(),
                 pid=os.getpid(),
-                now=time.time(),
+                now=seen_at,
+            )
+            n = q.expire_orphaned_leases(s, self.name, alive=alive, seen_at=seen_at)
+        if n:
+            log.warning(
+                "worker %s: %d step(s) held by pool processes that died; handed back", self.name, n
             )
 
     def _loop(self) -> None:
-        interval = self.app.conf.zw_settings.heartbeat_interval_s
+        interval = self.app.zw_settings.heartbeat_interval_s
         while not self._stop.wait(interval):
             try:
                 self._beat()

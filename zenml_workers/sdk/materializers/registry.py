@@ -193,6 +193,26 @@ def _import_path(path: str) -> Any:
     return obj
 
 
+#: Modules whose materializers a worker loads by name from a step message or an artifact row.
+ALLOWED_MODULES = ("zenml_workers.sdk.materializers",)
+
+
+def materializer_allowed(path: str, extra_modules: tuple[str, ...] = ()) -> bool:
+    """Whether ``path`` (``module:Qualname``) names a registered materializer or one in an
+    allowed module (ours, or one of ``extra_modules``: ``ZW_MATERIALIZER_MODULES``).
+
+    Loading a materializer imports its module; a name taken from a message or a database row
+    must not pick an arbitrary module (or a pickle-based class from one) to import.
+    """
+    registered = {materializer_path(m) for m in (*_BY_TYPE.values(), *_BY_VALUE)}
+    if path in registered:
+        return True
+    module = path.partition(":")[0]
+    return any(
+        module == m or module.startswith(m + ".") for m in (*ALLOWED_MODULES, *extra_modules)
+    )
+
+
 def load_materializer(path: str) -> type[Materializer]:
     """Import the materializer class named by ``module:Qualname`` (cached).
 

@@ -55,6 +55,7 @@ def worker(redis_url: str, tmp_path: Path) -> Iterator[Worker]:
         "ZW_ARTIFACT_URI": str(tmp_path / "artifacts"),
         "ZW_HOME": str(tmp_path / "home"),
         "ZW_QUEUES": "cpu,gpu,nowhere",
+        "EVIL_MARKER": str(tmp_path / "evil-imported"),
     }
     settings = Settings(
         broker_url=redis_url,
@@ -137,6 +138,48 @@ def test_trust_worker_refuses_forged_messages_and_keeps_serving(worker: Worker) 
     rolling = worker.settings.model_copy(update={"secret_key": SecretStr(OLD_KEY)})
     assert submit(pl.small, settings=rolling, x=2).wait(timeout_s=60).status == "completed"
     target.cancel()
+
+
+def test_trust_materializer_named_by_a_message_is_never_imported(
+    worker: Worker, tmp_path: Path
+) -> None:
+    """Even a signed message cannot make a worker import a module of its choosing."""
+    handle = submit(pl.parked_after_make, settings=worker.settings, x=2)
+    metadata = Client(worker.settings)._stack.metadata
+
+    def parked_row() -> Any:
+        with metadata.read() as s:
+            return s.execute(
+                select(StepRunRow).where(
+                    StepRunRow.run_id == handle.id, StepRunRow.invocation_id == "parked"
+                )
+            ).scalar_one()
+
+    wait_until(lambda: parked_row().status == "queued", 30, "make to finish")
+    made = Client(worker.settings).get_run(handle.id).steps["make"].outputs["value"]
+    evil_input = {
+        "step": "make",
+        "output": "value",
+        "id": made.id,
+        "uri": made.uri,  # inside the store: only the materializer is foreign
+        "materializer": "tests.pipelines.evil_materializer:Evil",
+        "data_type": "builtins:int",
+        "content_hash": made.content_hash,
+    }
+    task = StepTask(
+        run_id=handle.id,
+        step_run_id=parked_row().id,
+        invocation_id="parked",
+        pipeline="parked_after_make",
+        inputs=[evil_input],
+    ).encode()
+    _send(worker.settings.broker_url or "", Signer(KEY, [KEY], insecure=False).sign(task))
+
+    run = handle.wait(timeout_s=60, progress=False)
+    # The worker read the input's real materializer from the metadata store instead.
+    assert run.steps["parked"].output.load() == 102
+    assert not (tmp_path / "evil-imported").exists()
+    assert worker.process.is_running()
 
 
 def test_trust_tampered_code_blob_is_refused(worker: Worker, tmp_path: Path) -> None:

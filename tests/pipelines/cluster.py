@@ -124,3 +124,14 @@ def guarded(x: int) -> Annotated[int, "value"]:
 @pipeline(enable_cache=False)
 def integrity(x: int = 1):
     guarded(x)
+
+
+@step(queue="nowhere", enable_cache=False)
+def parked(v: int) -> Annotated[int, "value"]:
+    """Waits on a queue nobody consumes, so a test can forge a message for it."""
+    return v + 100
+
+
+@pipeline(enable_cache=False)
+def parked_after_make(x: int = 1):
+    parked(make(x=x))

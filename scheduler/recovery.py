@@ -16,6 +16,7 @@ from scheduler import dispatch
 from scheduler.dispatch import QueuedStep
 from scheduler.lease import LeasePolicy
 from stores.metadata import queries as q
+from stores.metadata import workers as w
 from stores.metadata.states import Move
 
 log = logging.getLogger("zenml_workers.scheduler")
@@ -60,9 +61,9 @@ def recover(
     """
     out: list[QueuedStep] = []
     if judge_heartbeats:
-        gone = q.silent_workers(s, heartbeat_before=now - policy.lease.worker_ttl_s)
+        gone = w.silent_workers(s, heartbeat_before=now - policy.lease.worker_ttl_s)
         if gone:
-            n = q.expire_leases_held_by(s, gone, now)
+            n = w.expire_leases_held_by(s, gone, now)
             log.warning("workers %s are silent; expired %d lease(s)", ", ".join(gone), n)
     for row in q.expired_leases(s, now):
         if row.attempt < policy.lease.attempts_after_lost_worker(row.max_attempts):

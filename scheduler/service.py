@@ -18,6 +18,7 @@ from typing import Any
 from scheduler.dispatch import QueuedStep
 from scheduler.recovery import RecoveryPolicy, recover
 from stores.metadata import queries as q
+from stores.metadata import workers as w
 from stores.metadata.store import MetadataStore
 
 log = logging.getLogger("zenml_workers.scheduler")
@@ -187,8 +188,8 @@ class SchedulerService:
     def flag_blocked_runs(self, now: float) -> None:
         """Write a message on runs whose steps wait on a queue that no live worker consumes."""
         with self.metadata.transaction() as s:
-            q.forget_workers(s, older_than=now - 86400)  # gone for a day: drop its row
-            live = q.live_queues(s, now=now, max_age_s=self.worker_ttl_s)
+            w.forget_workers(s, older_than=now - 86400)  # gone for a day: drop its row
+            live = w.live_queues(s, now=now, max_age_s=self.worker_ttl_s)
             for queue, steps in q.waiting_queues(s).items():
                 if queue in live:
                     continue

@@ -3,7 +3,8 @@
 One :class:`MetadataStore` per process and URL. SQLite runs in WAL mode with
 ``BEGIN IMMEDIATE`` for writes, so several local processes can write without
 upgrade deadlocks; PostgreSQL is used as is (READ COMMITTED, row locks).
-Queries on runs, steps and artifacts live in :mod:`stores.metadata.queries`.
+Queries on runs, steps and artifacts live in :mod:`stores.metadata.queries`, those on
+workers and their leases in :mod:`stores.metadata.workers`.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from scheduler.recovery import RecoveryPolicy, recover
 from scheduler.specs import InputRef, InputSpec, OutputSpec, PipelineSpec, StepSpec
 from stores.errors import MetadataStoreError, NotFoundError
 from stores.metadata import queries as q
+from stores.metadata import workers as w
 from stores.metadata.models import ArtifactRow, LineageRow, RunRow, StepRunRow
 from stores.metadata.store import HEAD_REVISION, MetadataStore
 
@@ -408,14 +409,14 @@ def test_bad_urls_give_one_sentence(tmp_path) -> None:
 
 def test_worker_heartbeats_define_live_queues(store: MetadataStore) -> None:
     with store.transaction() as s:
-        q.worker_heartbeat(s, name="w1", queues=["cpu"], host="h", pid=1, now=NOW)
-        q.worker_heartbeat(s, name="w2", queues=["gpu"], host="h", pid=2, now=NOW - 100)
+        w.worker_heartbeat(s, name="w1", queues=["cpu"], host="h", pid=1, now=NOW)
+        w.worker_heartbeat(s, name="w2", queues=["gpu"], host="h", pid=2, now=NOW - 100)
     with store.read() as s:
-        assert q.live_queues(s, now=NOW, max_age_s=60) == {"cpu"}
+        assert w.live_queues(s, now=NOW, max_age_s=60) == {"cpu"}
     with store.transaction() as s:
-        q.worker_stopped(s, "w1")
+        w.worker_stopped(s, "w1")
     with store.read() as s:
-        assert q.live_queues(s, now=NOW, max_age_s=60) == set()
+        assert w.live_queues(s, now=NOW, max_age_s=60) == set()
 
 
 def test_concurrent_last_steps_close_the_run_exactly_once(store: MetadataStore) -> None:
@@ -498,7 +499,7 @@ def test_take_over_replaces_the_dead_attempt_exactly_once(store: MetadataStore) 
 def test_recovery_expires_leases_of_a_silent_worker_at_once(store: MetadataStore) -> None:
     _, queued = plan(store, pipeline(step("a")))
     with store.transaction() as s:
-        q.worker_heartbeat(s, name="cpu@vm1", queues=["cpu"], host="vm1", pid=9, now=NOW)
+        w.worker_heartbeat(s, name="cpu@vm1", queues=["cpu"], host="vm1", pid=9, now=NOW)
         row = q.claim(s, queued[0].task.step_run_id, host="cpu@vm1", pid=10, lease_s=120, now=NOW)
     assert row is not None
     policy = RecoveryPolicy()
@@ -521,7 +522,7 @@ def test_a_worker_hands_back_leases_of_its_dead_pool_processes(store: MetadataSt
         ):
             q.claim(s, qs.task.step_run_id, host="cpu@vm", pid=pid, lease_s=120, now=started)
         # 101 died; 103 claimed after the process listing was taken.
-        n = q.expire_orphaned_leases(s, "cpu@vm", alive={100, 102}, seen_at=NOW + 2)
+        n = w.expire_orphaned_leases(s, "cpu@vm", alive={100, 102}, seen_at=NOW + 2)
     assert n == 1
     with store.transaction() as s:
         requeued = recover(s, now=NOW + 2, policy=RecoveryPolicy())
@@ -531,7 +532,7 @@ def test_a_worker_hands_back_leases_of_its_dead_pool_processes(store: MetadataSt
 def test_recovery_spares_a_worker_that_is_still_beating(store: MetadataStore) -> None:
     _, queued = plan(store, pipeline(step("a")))
     with store.transaction() as s:
-        q.worker_heartbeat(s, name="cpu@vm1", queues=["cpu"], host="vm1", pid=9, now=NOW + 8)
+        w.worker_heartbeat(s, name="cpu@vm1", queues=["cpu"], host="vm1", pid=9, now=NOW + 8)
         q.claim(s, queued[0].task.step_run_id, host="cpu@vm1", pid=10, lease_s=120, now=NOW)
     with store.transaction() as s:
         assert recover(s, now=NOW + 11, policy=RecoveryPolicy(), judge_heartbeats=True) == []
@@ -543,7 +544,7 @@ def test_a_restarted_worker_expires_only_its_previous_process_leases(store: Meta
     with store.transaction() as s:
         q.claim(s, queued[0].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW)
         new = q.claim(s, queued[1].task.step_run_id, host="h", pid=5, lease_s=60, now=NOW + 20)
-        n = q.expire_leases_held_by(s, ["h"], NOW + 21, started_before=NOW + 10)
+        n = w.expire_leases_held_by(s, ["h"], NOW + 21, started_before=NOW + 10)
     assert old is not None and new is not None and n == 1
     with store.transaction() as s:
         requeued = recover(s, now=NOW + 21, policy=RecoveryPolicy())

@@ -457,7 +457,7 @@ def test_every_materializer_loads_only_intact_bytes(
 def test_worker_load_inputs_names_the_corrupt_input_and_its_producer() -> None:
     from scheduler.specs import InputRef, InputSpec, StepSpec
     from stores.metadata.queries import ArtifactRef
-    from zenml_workers.worker.execute import _load_inputs
+    from zenml_workers.worker.inputs import load_inputs as _load_inputs
 
     store = MemoryArtifactStore(f"integrity-{uuid.uuid4().hex}")
     stored = store.put_bytes("run-1/produce.1.values", b"[1,2,3]")

@@ -14,7 +14,7 @@ from scheduler.specs import OutputSpec, StepSpec
 from stores.artifacts.memory import MemoryArtifactStore
 from stores.errors import ArtifactStoreError, ArtifactStoreUnavailableError
 from zenml_workers.errors import MaterializerError
-from zenml_workers.worker.execute import _store_outputs
+from zenml_workers.worker.outputs import store_outputs as _store_outputs
 
 JSON = "zenml_workers.sdk.materializers.builtins:JsonMaterializer"
 STEP = StepSpec(

@@ -174,12 +174,13 @@ class RunHandle:
     def blocked_queues(self) -> dict[str, list[str]]:
         """Queues on which this run's steps wait while no live worker consumes them."""
         from stores.metadata import queries as q
+        from stores.metadata import workers as w
 
         if self._stack.settings.is_embedded:
             return {}
         with self._stack.metadata.read() as s:
             waiting = q.waiting_queues(s, self.id)
-            live = q.live_queues(s, now=time.time(), max_age_s=self._stack.settings.worker_ttl_s)
+            live = w.live_queues(s, now=time.time(), max_age_s=self._stack.settings.worker_ttl_s)
         return {
             queue: [inv for _, inv in steps]
             for queue, steps in waiting.items()

@@ -12,22 +12,26 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 from scheduler import dispatch
-from scheduler.backoff import Backoff, call_with_backoff, retry_delay_s
+from scheduler.backoff import call_with_backoff, retry_delay_s
 from scheduler.dispatch import QueuedStep
 from scheduler.lease import LeasePolicy, Redelivery
 from scheduler.specs import StepSpec, StepTask
-from stores.artifacts import ArtifactStore
-from stores.errors import ArtifactIntegrityError, ArtifactStoreError, InfrastructureError
+from stores.errors import ArtifactIntegrityError, InfrastructureError
 from stores.metadata import queries as q
-from stores.metadata.store import MetadataStore
-from zenml_workers.errors import CodeIntegrityError, MaterializerError, UntrustedInputError
+from zenml_workers.errors import CodeIntegrityError, UntrustedInputError
 from zenml_workers.worker.context import WorkerContext, pid_alive
+from zenml_workers.worker.inputs import (
+    carried_inputs,
+    check_trusted,
+    known_materializer,
+    load_inputs,
+)
 from zenml_workers.worker.logcapture import capture_logs
+from zenml_workers.worker.outputs import discard, store_outputs
 
 log = logging.getLogger("zenml_workers.worker")
 
@@ -48,11 +52,11 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
     """
     backoff = ctx.settings.infra_backoff()
     what = f"run {task.run_id} step {task.invocation_id}"
-    carried = _carried_inputs(task)
+    carried = carried_inputs(task)
     if carried is not None:
         # Refused before the claim: a bad message must not touch its run.
         check_trusted(carried.values(), ctx, materializers=False)
-        if not all(_known_materializer(r.materializer, ctx) for r in carried.values()):
+        if not all(known_materializer(r.materializer, ctx) for r in carried.values()):
             # Maybe a team's materializer whose module this process has not imported yet:
             # read the inputs from the metadata store instead of trusting the message's.
             task = replace(task, inputs=None)
@@ -66,7 +70,7 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
     try:
         artifacts, values, error, tb, retryable = _run(step, row, produced, blob, ctx, written)
         if error is not None:
-            _discard(ctx.artifacts, written)
+            discard(ctx.artifacts, written)
             log.warning("%s attempt %d failed: %s", what, row.attempt, error)
             now = time.time()
 
@@ -97,7 +101,7 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
     except BaseException as e:
         # Killed mid-step (SystemExit, KeyboardInterrupt) or the store failed: record it so
         # the run does not hang, then let it propagate.
-        _discard(ctx.artifacts, written)
+        discard(ctx.artifacts, written)
         try:
             with ctx.metadata.transaction() as s:
                 dispatch.step_failed(
@@ -136,7 +140,7 @@ def _claim(
             row = _redelivered(s, task, ctx, policy, lease_s, now)
     if row is None:
         return None
-    produced = _carried_inputs(task)
+    produced = carried_inputs(task)
     blob = None
     if produced is None or step.code_hash not in ctx.code:
         with ctx.metadata.read() as s:
@@ -216,7 +220,7 @@ def _run(
             # An unreachable S3 is retried with backoff here, under the infrastructure budget;
             # what remains after it names S3 and fails the attempt like any other error.
             kwargs = call_with_backoff(
-                lambda: _load_inputs(step, produced, ctx.artifacts, ctx.metadata),
+                lambda: load_inputs(step, produced, ctx.artifacts, ctx.metadata),
                 what=f"{what}: load inputs",
                 policy=backoff,
             )
@@ -229,7 +233,7 @@ def _run(
                 ctx.host,
             )
             result = fn(**kwargs)
-            artifacts = _store_outputs(
+            artifacts = store_outputs(
                 step,
                 result,
                 row,
@@ -299,213 +303,10 @@ def _commit(
             step.invocation_id,
             row.attempt,
         )
-        _discard(ctx.artifacts, written)
+        discard(ctx.artifacts, written)
         return []
     return follow
 
 
-def check_trusted(refs: Iterable[Any], ctx: WorkerContext, *, materializers: bool) -> None:
-    """Refuse artifacts outside the stack's artifact store and, with ``materializers``,
-    materializers that are neither registered nor in an allowed module.
-
-    Raises:
-        UntrustedInputError: naming the artifact and what is wrong with it.
-    """
-    from urllib.parse import unquote
-
-    from zenml_workers.sdk.materializers.registry import materializer_allowed
-
-    root = ctx.artifacts.root_uri.rstrip("/") + "/"
-    for ref in refs:
-        uri = ref.uri
-        if uri and (not uri.startswith(root) or ".." in unquote(uri).split("/")):
-            raise UntrustedInputError(
-                f"input artifact {ref.id} is at {uri}, outside this stack's artifact store "
-                f"{ctx.artifacts.root_uri}; the message is not run (check ZW_ARTIFACT_URI on "
-                "the submitting machine and this worker)"
-            )
-        if materializers and not materializer_allowed(
-            ref.materializer, ctx.settings.materializer_modules
-        ):
-            raise UntrustedInputError(
-                f"input artifact {ref.id} names materializer {ref.materializer}, which is neither "
-                "registered nor in an allowed module; register it in the step's module or add "
-                "its module to ZW_MATERIALIZER_MODULES on the workers"
-            )
-
-
-def _known_materializer(path: str, ctx: WorkerContext) -> bool:
-    """Allowed, or defined in a module this process imported already (importing nothing)."""
-    import sys
-
-    from zenml_workers.sdk.materializers.registry import materializer_allowed
-
-    return materializer_allowed(path, ctx.settings.materializer_modules) or (
-        path.partition(":")[0] in sys.modules
-    )
-
-
-def _carried_inputs(task: StepTask) -> dict[tuple[str, str], q.ArtifactRef] | None:
-    """Input artifacts the queueing transaction put in the message, if it did."""
-    if task.inputs is None:
-        return None
-    return {
-        (ref["step"], ref["output"]): q.ArtifactRef(
-            ref["id"], ref["content_hash"], ref["uri"], ref["materializer"], ref["data_type"]
-        )
-        for ref in task.inputs
-    }
-
-
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
-
-
-def _load_inputs(
-    step: StepSpec,
-    produced: dict[tuple[str, str], Any],
-    store: ArtifactStore,
-    metadata: MetadataStore | None = None,
-) -> dict[str, Any]:
-    """Load every input, each checked against the hash recorded when it was written.
-
-    Raises:
-        ArtifactIntegrityError: an input's bytes changed since; it is marked corrupt in
-            ``metadata`` (so caching skips it) and the step function is never called.
-    """
-    from zenml_workers.sdk.materializers.registry import load_materializer, resolve_type
-
-    values: dict[str, Any] = {}
-    for inp in step.inputs:
-        loaded = []
-        for ref in inp.refs:
-            art = produced[(ref.step, ref.output)]
-            materializer = load_materializer(art.materializer)()
-            try:
-                with store.verified_reader(art.uri, expected_hash=art.content_hash) as fp:
-                    loaded.append(materializer.load(fp, resolve_type(art.data_type)))
-            except ArtifactIntegrityError as e:
-                named = e.with_origin(
-                    artifact_id=art.id,
-                    artifact_name=ref.output,
-                    step=ref.step,
-                    consumer=f"input '{inp.name}' of step '{step.invocation_id}'",
-                )
-                raise _record_corrupt(named, metadata) from e.__cause__
-        values[inp.name] = loaded if inp.is_list else loaded[0]
-    return values
-
-
-def _record_corrupt(
-    e: ArtifactIntegrityError, metadata: MetadataStore | None
-) -> ArtifactIntegrityError:
-    """Mark the artifact corrupt so no cache lookup offers it again; name its producer."""
-    if metadata is None or e.artifact_id is None:
-        return e
-    try:
-        with metadata.transaction() as s:
-            origin = q.mark_artifact_corrupt(s, e.artifact_id, now=time.time())
-    except Exception:  # the step fails on the corrupt input either way
-        log.warning(
-            "%s: could not mark artifact %s corrupt", e.consumer, e.artifact_id, exc_info=True
-        )
-        return e
-    if origin is None:
-        return e
-    # No log line here: the failed attempt is logged with its run and step, and this message.
-    run_id, invocation_id = origin
-    return e.with_origin(run_id=run_id, step=invocation_id, recorded=True)
-
-
-def _split_outputs(step: StepSpec, result: Any) -> list[Any]:
-    n = len(step.outputs)
-    if n == 0:
-        return []
-    if n == 1:
-        return [result]
-    if not isinstance(result, tuple | list) or len(result) != n:
-        got = (
-            f"a {type(result).__name__} of length {len(result)}"
-            if isinstance(result, tuple | list)
-            else type(result).__name__
-        )
-        raise MaterializerError(
-            f"step {step.name!r} declares {n} outputs ({', '.join(step.output_names())}) but returned {got}; "
-            f"return a tuple of {n} values"
-        )
-    return list(result)
-
-
-def _store_outputs(
-    step: StepSpec,
-    result: Any,
-    row: Any,
-    attempt: int,
-    store: ArtifactStore,
-    written: list[str],
-    *,
-    now: float,
-    backoff: Backoff,
-) -> list[dict[str, Any]]:
-    from zenml_workers.sdk.materializers.registry import (
-        load_materializer,
-        materializer_for_value,
-        materializer_path,
-        type_path,
-    )
-
-    artifacts = []
-    for spec, value in zip(step.outputs, _split_outputs(step, result), strict=True):
-        declared = load_materializer(spec.materializer) if spec.materializer else None
-        cls = materializer_for_value(value, declared)
-        # One folder per run; the attempt in the name keeps a re-run step from touching
-        # what an earlier attempt wrote (artifacts are immutable).
-        key = f"{row.run_id}/{step.invocation_id}.{attempt}.{spec.name}"
-
-        def save(key: str = key, value: Any = value, cls: Any = cls) -> tuple[Any, Any]:
-            with store.writer(key) as w:
-                meta = cls().save(value, cast(BinaryIO, w))
-            return w, meta
-
-        try:
-            w, meta = call_with_backoff(
-                save,
-                what=f"run {row.run_id} step {step.invocation_id}: save {spec.name}",
-                policy=backoff,
-            )
-        except (MaterializerError, ArtifactStoreError):
-            # A store error names the store (S3 or the folder), not the materializer.
-            raise
-        except Exception as e:
-            raise MaterializerError(
-                f"output {spec.name!r} of step {step.name!r} ({type(value).__name__}) could not be saved with "
-                f"{cls.__name__} ({_describe(e)}); return a serialisable value or register a materializer "
-                f"for {type(value).__name__} with zenml_workers.register_materializer"
-            ) from e
-        stored = w.result
-        assert stored is not None
-        written.append(stored.uri)
-        artifacts.append(
-            {
-                "id": q.new_id(),
-                "name": spec.name,
-                "uri": stored.uri,
-                "data_type": type_path(type(value)),
-                "materializer": materializer_path(cls),
-                "content_hash": stored.content_hash,
-                "size_bytes": stored.size_bytes,
-                "artifact_metadata": meta or {},
-                "producer_run_id": row.run_id,
-                "producer_step_run_id": row.id,
-                "created_at": now,
-            }
-        )
-    return artifacts
-
-
-def _discard(store: ArtifactStore, uris: list[str]) -> None:
-    for uri in uris:
-        try:
-            store.delete(uri)
-        except Exception:  # an orphan object is harmless: no row points at it
-            log.warning("could not delete uncommitted artifact %s", uri, exc_info=True)

@@ -201,11 +201,11 @@ class WorkerHeartbeat:
         self._thread = threading.Thread(target=self._loop, name="zw-heartbeat", daemon=True)
 
     def start(self) -> None:
-        from stores.metadata import queries as q
+        from stores.metadata import workers as w
 
         try:
             with worker_context(self.app).metadata.transaction() as s:
-                n = q.expire_leases_held_by(
+                n = w.expire_leases_held_by(
                     s, [self.name], time.time(), started_before=self.booted_at
                 )
             if n:
@@ -220,15 +220,15 @@ class WorkerHeartbeat:
     def stop(self) -> None:
         self._stop.set()
         try:
-            from stores.metadata import queries as q
+            from stores.metadata import workers as w
 
             with worker_context(self.app).metadata.transaction() as s:
-                q.worker_stopped(s, self.name)
+                w.worker_stopped(s, self.name)
         except Exception:
             log.warning("could not mark worker %s stopped", self.name, exc_info=True)
 
     def _beat(self) -> None:
-        from stores.metadata import queries as q
+        from stores.metadata import workers as w
         from zenml_workers.worker.context import child_pids
 
         # This runs in the worker's main process, which outlives its pool children: a claim
@@ -236,7 +236,7 @@ class WorkerHeartbeat:
         seen_at = time.time()
         alive = {os.getpid(), *child_pids(os.getpid())}
         with worker_context(self.app).metadata.transaction() as s:
-            q.worker_heartbeat(
+            w.worker_heartbeat(
                 s,
                 name=self.name,
                 queues=self.queues,
@@ -244,7 +244,7 @@ class WorkerHeartbeat:
                 pid=os.getpid(),
                 now=seen_at,
             )
-            n = q.expire_orphaned_leases(s, self.name, alive=alive, seen_at=seen_at)
+            n = w.expire_orphaned_leases(s, self.name, alive=alive, seen_at=seen_at)
         if n:
             log.warning(
                 "worker %s: %d step(s) held by pool processes that died; handed back", self.name, n

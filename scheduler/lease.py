@@ -62,9 +62,6 @@ class LeasePolicy:
             return timeout_s + max(self.timeout_margin_s, self.heartbeat_interval_s)
         return self.lease_s
 
-    def expired(self, lease_expires_at: float | None, now: float) -> bool:
-        return lease_expires_at is not None and lease_expires_at <= now
-
     #: Worker losses a step survives on top of its own attempts (a preempted VM, an OOM kill,
     #: a partition): each costs an attempt, but never one of the step's ``retries``.
     lost_workers_tolerated: int = 2
@@ -73,19 +70,9 @@ class LeasePolicy:
         """Attempts a step may use when its workers keep dying: its own plus the tolerance."""
         return max_attempts + self.lost_workers_tolerated
 
-    @staticmethod
-    def orphaned(
-        worker_pid: int | None, started_at: float | None, *, alive: set[int], seen_at: float
-    ) -> bool:
-        """Whether an attempt recorded under this worker's node belongs to a process that is
-        gone: not among the ``alive`` pids listed at ``seen_at``, and started before then (a
-        child forked after the listing may hold a claim it cannot be in)."""
-        return worker_pid not in alive and started_at is not None and started_at < seen_at
-
-    def worker_gone(self, heartbeat_at: float, stopped: bool, now: float) -> bool:
-        """Whether a worker's leases should be expired now: it said it stopped, or it has been
-        silent for longer than the TTL."""
-        return stopped or heartbeat_at < now - self.worker_ttl_s
+    def silent_before(self, now: float) -> float:
+        """A worker whose last heartbeat is older than this (or that said it stopped) is gone."""
+        return now - self.worker_ttl_s
 
     def may_judge_heartbeats(self, watching_since: float | None, now: float) -> bool:
         """Whether an observer that could read the store continuously since ``watching_since``

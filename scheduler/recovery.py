@@ -61,7 +61,7 @@ def recover(
     """
     out: list[QueuedStep] = []
     if judge_heartbeats:
-        gone = w.silent_workers(s, heartbeat_before=now - policy.lease.worker_ttl_s)
+        gone = w.silent_workers(s, heartbeat_before=policy.lease.silent_before(now))
         if gone:
             n = w.expire_leases_held_by(s, gone, now)
             log.warning("workers %s are silent; expired %d lease(s)", ", ".join(gone), n)

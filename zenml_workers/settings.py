@@ -110,7 +110,7 @@ class Settings(BaseSettings):
 
     @field_validator("queues", "materializer_modules", mode="before")
     @classmethod
-    def _split_queues(cls, v: Any) -> Any:
+    def _split_commas(cls, v: Any) -> Any:
         if isinstance(v, str):
             return [q.strip() for q in v.split(",") if q.strip()]
         return v

@@ -43,16 +43,8 @@ def test_lease_for_a_step_with_a_timeout_adds_the_margin() -> None:
     )
 
 
-def test_lease_expired_at_and_after_its_end() -> None:
-    assert not POLICY.expired(None, 1000)
-    assert not POLICY.expired(1000.5, 1000)
-    assert POLICY.expired(1000, 1000)
-
-
-def test_lease_worker_gone_after_its_ttl_or_when_it_said_so() -> None:
-    assert not POLICY.worker_gone(heartbeat_at=995, stopped=False, now=1000)
-    assert POLICY.worker_gone(heartbeat_at=989, stopped=False, now=1000)
-    assert POLICY.worker_gone(heartbeat_at=1000, stopped=True, now=1000)
+def test_lease_workers_silent_past_their_ttl_are_gone() -> None:
+    assert POLICY.silent_before(1000) == 990
 
 
 def test_lease_heartbeats_are_judged_only_after_one_ttl_of_watching() -> None:
@@ -94,14 +86,6 @@ def test_lease_redelivery_gives_up_once_out_of_attempts() -> None:
     # ...so worker deaths never use up the retries a step has for its own exceptions.
     assert _decide(_holder(attempt=4, max_attempts=3)) is Redelivery.TAKE_OVER
     assert _decide(_holder(attempt=5, max_attempts=3)) is Redelivery.GIVE_UP
-
-
-def test_lease_orphaned_attempts_are_those_of_processes_gone_before_the_listing() -> None:
-    alive = {10, 11}
-    assert LeasePolicy.orphaned(12, 99.0, alive=alive, seen_at=100.0)
-    assert not LeasePolicy.orphaned(11, 99.0, alive=alive, seen_at=100.0)
-    # Claimed after the listing: maybe a child forked since then.
-    assert not LeasePolicy.orphaned(12, 100.5, alive=alive, seen_at=100.0)
 
 
 def test_backoff_bounds_grow_exponentially_to_the_cap() -> None:

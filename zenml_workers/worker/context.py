@@ -14,8 +14,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
+from scheduler.backoff import Backoff
+from scheduler.lease import LeasePolicy
 from stores.artifacts import ArtifactStore, artifact_store_from_uri
 from stores.metadata import queries as q
 from stores.metadata.store import MetadataStore
@@ -60,6 +63,16 @@ class WorkerContext:
             if len(self.code) > 512:
                 self.code.popitem(last=False)
         return fn
+
+    @cached_property
+    def lease_policy(self) -> LeasePolicy:
+        """The lease policy of this process's settings (built once, not per step)."""
+        return self.settings.lease_policy()
+
+    @cached_property
+    def backoff(self) -> Backoff:
+        """The infrastructure retry policy of this process's settings (built once)."""
+        return self.settings.infra_backoff()
 
     @property
     def leases(self) -> LeaseKeeper:

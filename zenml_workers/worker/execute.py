@@ -50,7 +50,7 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
         UntrustedInputError: the message names an artifact outside the stack's artifact
             store; nothing was claimed.
     """
-    backoff = ctx.settings.infra_backoff()
+    backoff = ctx.backoff
     what = f"run {task.run_id} step {task.invocation_id}"
     carried = carried_inputs(task)
     if carried is not None:
@@ -131,7 +131,7 @@ def _claim(
         with ctx.metadata.read() as s:
             spec_entry = dispatch.SPECS.get(s, task.run_id)
     step = spec_entry[1][task.invocation_id]
-    policy = ctx.settings.lease_policy()
+    policy = ctx.lease_policy
     lease_s = policy.lease_for(step.timeout_s)
     pid, now = os.getpid(), time.time()
     with ctx.metadata.autocommit() as s:
@@ -210,7 +210,7 @@ def _run(
     started = time.time()
     artifacts: list[dict[str, Any]] = []
     error, tb, retryable = None, "", True
-    backoff = ctx.settings.infra_backoff()
+    backoff = ctx.backoff
     what = f"run {row.run_id} step {step.invocation_id}"
     with capture_logs() as logs:
         try:
@@ -294,7 +294,7 @@ def _commit(
     follow = call_with_backoff(
         commit,
         what=f"run {row.run_id} step {step.invocation_id}: commit",
-        policy=ctx.settings.infra_backoff(),
+        policy=ctx.backoff,
     )
     if follow is None:
         log.info(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from scheduler.service import BrokerWatch
 from tests.faults.harness import (
     FaultCluster,
     body_runs,
@@ -123,9 +125,14 @@ def test_fault_message_lost_by_the_broker_is_found_missing_and_resent(
 
     (tmp_path / "release-h").touch()
     cluster.start_scheduler()
-    handle = submit(pl.diamond, settings=cluster.settings(), marker_dir=str(tmp_path), seed=8)
     client = redis.Redis.from_url(cluster.env["ZW_BROKER_URL"])
+    # The scheduler's first pass finds a fresh Redis without its marker and resends every
+    # queued step (a restarted-empty broker looks the same); wait for that before submitting,
+    # so only the presence check can find the lost message.
     try:
+        wait_until(lambda: client.exists(BrokerWatch.KEY), 30, "the scheduler's first pass")
+        time.sleep(1.0)  # two pass intervals: the pass that set the marker has finished
+        handle = submit(pl.diamond, settings=cluster.settings(), marker_dir=str(tmp_path), seed=8)
         wait_until(lambda: client.llen("cpu") == 1, 30, "the first task on the queue")
         assert client.delete("cpu") == 1  # the message is gone; SQL still says queued
     finally:

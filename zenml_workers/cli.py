@@ -88,8 +88,10 @@ def worker(
         # One solo worker process per GPU, each seeing only its own device.
         _supervise_gpu_workers(ctx, queues, concurrency, hostname, loglevel)
         return
+    from zenml_workers.worker.broker import check_broker_link
     from zenml_workers.worker.celery_app import create_app
 
+    check_broker_link(settings.reveal_broker_url(), settings.broker_ssl_options())
     app = create_app(settings)
     # CUDA breaks in a child forked after it was initialised: one solo process per GPU.
     pool = pool or ("solo" if gpu else "prefork")
@@ -190,7 +192,7 @@ def scheduler(ctx: click.Context, interval: float, once: bool) -> None:
             broker_check_every_s=min(15.0, settings.broker_check_after_s / 2),
         ),
         interval_s=interval,
-        broker=BrokerWatch(settings.broker_url, settings.broker_ssl_options()),
+        broker=BrokerWatch(settings.reveal_broker_url(), settings.broker_ssl_options()),
     )
     if once:
         click.echo(f"sent {len(service.run_once())} step task(s)")
@@ -293,7 +295,7 @@ def flower(
             "--basic-auth / FLOWER_BASIC_AUTH must be USER:PASSWORD (several separated by "
             "commas), each with a non-empty user and password"
         )
-    broker_url = str(settings.broker_url)
+    broker_url = settings.reveal_broker_url()
     # Celery reads CELERY_BROKER_URL over any configured broker (what `celery --broker` sets),
     # and ZW_BROKER_URL builds the same app in the child: nothing secret goes in argv.
     env = dict(os.environ, CELERY_BROKER_URL=broker_url, ZW_BROKER_URL=broker_url)
@@ -432,7 +434,6 @@ def cancel(ctx: click.Context, run_id: str) -> None:
 @click.pass_context
 def dead_letters(ctx: click.Context, limit: int, clear: bool) -> None:
     """List the messages workers dropped as unreadable, newest first."""
-    from stores.metadata.store import redact_url
     from zenml_workers.worker.broker import DEAD_LETTER_KEY, DeadLetterList
 
     settings = _settings(ctx)
@@ -442,11 +443,11 @@ def dead_letters(ctx: click.Context, limit: int, clear: bool) -> None:
             "set ZW_BROKER_URL to read a cluster's"
         )
         return
-    dead = DeadLetterList.from_url(settings.broker_url, settings.broker_ssl_options())
+    dead = DeadLetterList.from_url(settings.reveal_broker_url(), settings.broker_ssl_options())
     try:
         letters = dead.newest(limit)
         if not letters:
-            click.echo(f"no dead letters in {DEAD_LETTER_KEY} on {redact_url(settings.broker_url)}")
+            click.echo(f"no dead letters in {DEAD_LETTER_KEY} on {settings.broker_url}")
         for letter in letters:
             if isinstance(letter, str):
                 click.echo(f"-  ?  not a dead-letter record  {letter[:80]!r}")

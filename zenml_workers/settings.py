@@ -30,6 +30,31 @@ from stores.metadata.store import redact_url
 from zenml_workers.errors import ConfigurationError
 
 
+class SecretUrl(SecretStr):
+    """A URL that may carry a password (``user:pass@``, ``?password=``): shown redacted
+    everywhere (``str``, ``repr``, dumps); only ``get_secret_value()`` gives the URL itself,
+    for the client library that connects with it."""
+
+    def _display(self) -> str:  # type: ignore[override]
+        return redact_url(self.get_secret_value())
+
+
+def _reveal(value: SecretStr | str | None) -> str | None:
+    # A plain str gets here only through model_copy(update=...), which skips validation.
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def _as_secret(field: str, value: Any) -> Any:
+    """A secret field's value as its secret type, even when model_copy left a plain str."""
+    if not isinstance(value, str):
+        return value
+    if field in ("metadata_url", "broker_url"):
+        return SecretUrl(value)
+    if field in ("s3_secret_access_key", "secret_key", "previous_secret_keys"):
+        return SecretStr(value)
+    return value
+
+
 class Settings(BaseSettings):
     """Where runs execute and where their metadata and artifacts go.
 
@@ -41,9 +66,9 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=lambda: Path("~/.zenml-workers").expanduser())
     stack_name: str = "default"
-    metadata_url: str | None = None
+    metadata_url: SecretUrl | None = None
     artifact_uri: str | None = None
-    broker_url: str | None = None
+    broker_url: SecretUrl | None = None
     s3_endpoint_url: str | None = None
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
@@ -127,26 +152,28 @@ class Settings(BaseSettings):
                 )
         return self
 
-    @field_serializer("metadata_url", "broker_url")
-    def _redact_urls(self, url: str | None) -> str | None:
-        # A dump (logs, JSON) never carries a password; code that needs the URL reads the field.
-        return redact_url(url) if url else url
+    @field_serializer("metadata_url", "broker_url", "s3_secret_access_key")
+    def _dump_secret(self, secret: SecretStr | str | None, info: Any) -> str | None:
+        # A dump (logs, JSON, run records) shows URLs redacted and keys masked.
+        return None if secret is None else str(_as_secret(info.field_name, secret))
 
     def __repr_args__(self) -> Any:
-        # URLs may carry passwords (user:pass@ or ?password=); SecretStr fields mask themselves.
         for name, value in super().__repr_args__():
-            if name in ("metadata_url", "broker_url") and isinstance(value, str):
-                value = redact_url(value)
-            yield name, value
+            yield name, _as_secret(str(name), value) if isinstance(value, str) else value
 
     def identity(self) -> str:
         """A digest of every setting, secrets included (for caching per-settings objects)."""
         import hashlib
 
         plain = self.model_dump(mode="json")
-        for name in ("s3_secret_access_key", "secret_key", "previous_secret_keys"):
-            secret = getattr(self, name)
-            plain[name] = secret.get_secret_value() if secret is not None else None
+        for name in (
+            "metadata_url",
+            "broker_url",
+            "s3_secret_access_key",
+            "secret_key",
+            "previous_secret_keys",
+        ):
+            plain[name] = _reveal(getattr(self, name))
         return hashlib.sha256(repr(sorted(plain.items())).encode()).hexdigest()
 
     def signing_keys(self) -> tuple[bytes | None, list[bytes]]:
@@ -194,10 +221,19 @@ class Settings(BaseSettings):
 
     @property
     def is_embedded(self) -> bool:
-        return not self.broker_url
+        return not self.reveal_broker_url()
+
+    def reveal_broker_url(self) -> str:
+        """The broker URL with its password, for the client that connects ("" when embedded).
+
+        Never log or raise it: ``str(settings.broker_url)`` is the redacted form.
+        """
+        return _reveal(self.broker_url) or ""
 
     def resolved_metadata_url(self) -> str:
-        return self.metadata_url or f"sqlite:///{(self.home / 'metadata.db').resolve()}"
+        """The metadata store's URL with its password, for the engine that connects (the
+        SQLite file under ``home`` unless one is set). Never log or raise it."""
+        return _reveal(self.metadata_url) or f"sqlite:///{(self.home / 'metadata.db').resolve()}"
 
     def resolved_artifact_uri(self) -> str:
         return self.artifact_uri or str((self.home / "artifacts").resolve())
@@ -223,7 +259,7 @@ class Settings(BaseSettings):
             "orchestrator": "local" if self.is_embedded else "celery",
             "metadata_url": redact_url(self.resolved_metadata_url()),
             "artifact_uri": self.resolved_artifact_uri(),
-            "broker_url": redact_url(self.broker_url) if self.broker_url else None,
+            "broker_url": None if self.is_embedded else str(self.broker_url),
         }
 
     # -- TLS -------------------------------------------------------------------------------
@@ -268,12 +304,12 @@ class Settings(BaseSettings):
         broker = [
             f for f in ("broker_ca_file", "broker_cert_file", "broker_key_file") if getattr(self, f)
         ]
-        if broker and self.broker_url:
-            url = urlsplit(self.broker_url)
+        if broker and not self.is_embedded:
+            url = urlsplit(self.reveal_broker_url())
             if url.scheme != "rediss":
                 raise ConfigurationError(
                     f"ZW_{broker[0].upper()} is set but ZW_BROKER_URL "
-                    f"({redact_url(self.broker_url)}) is not a rediss:// URL, so the broker "
+                    f"({self.broker_url}) is not a rediss:// URL, so the broker "
                     "link would not use TLS; use rediss://host:port/db"
                 )
             in_url = sorted(k for k in parse_qs(url.query) if k.startswith("ssl_"))
@@ -331,9 +367,10 @@ class Settings(BaseSettings):
         import ssl
         from urllib.parse import parse_qs, urlsplit
 
-        if not self.broker_url or urlsplit(self.broker_url).scheme != "rediss":
+        url = urlsplit(self.reveal_broker_url())
+        if url.scheme != "rediss":
             return {}
-        if any(k.startswith("ssl_") for k in parse_qs(urlsplit(self.broker_url).query)):
+        if any(k.startswith("ssl_") for k in parse_qs(url.query)):
             return {}
         options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
         for field, key in (

@@ -251,7 +251,7 @@ def test_cluster_recovers_a_step_whose_worker_was_killed(cluster: Cluster, tmp_p
 
 
 def test_cluster_flower_lists_step_tasks_by_step_name(cluster: Cluster, start_flower) -> None:
-    flower = start_flower(cluster.settings.broker_url)
+    flower = start_flower(cluster.settings.reveal_broker_url())
     flower.wait_for_worker("cpu@zwtest")
     run = submit(pl.routed, settings=cluster.settings, x=int(time.time())).wait(timeout_s=60)
 

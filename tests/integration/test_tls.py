@@ -5,7 +5,10 @@ plaintext or wrongly configured client meets."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from stores.errors import ArtifactStoreError, InfrastructureError, MetadataStore
 from stores.metadata.store import MetadataStore
 from tests.pipelines import cluster as pl
 from tests.services.celery import start_celery_worker
+from tests.services.flower import start_flower_process
 from tests.services.postgres import PostgresServer, start_postgres
 from tests.services.process import (
     TEST_SECRET_KEY,
@@ -128,7 +132,7 @@ def cluster(
 
 
 def test_tls_cluster_runs_a_pipeline_over_encrypted_links(cluster: TLSCluster) -> None:
-    assert cluster.settings.broker_url and cluster.settings.broker_url.startswith("rediss://")
+    assert cluster.settings.reveal_broker_url().startswith("rediss://")
     assert cluster.settings.s3_endpoint_url and cluster.settings.s3_endpoint_url.startswith(
         "https://"
     )
@@ -148,6 +152,26 @@ def test_tls_cluster_runs_a_pipeline_over_encrypted_links(cluster: TLSCluster) -
             (database,),
         ).fetchall()
     assert links and all(ssl for (ssl,) in links)  # the worker's and this process's
+
+
+def test_tls_flower_sees_workers_tasks_and_queues_over_the_tls_broker(
+    cluster: TLSCluster, tmp_path: Path
+) -> None:
+    broker_only = {k: v for k, v in cluster.env.items() if k.startswith("ZW_BROKER_")}
+    flower = start_flower_process(cluster.env["ZW_BROKER_URL"], log_dir=tmp_path, env=broker_only)
+    try:
+        flower.wait_for_worker("cpu@tls")  # worker events arrive over TLS
+        run = submit(pl.small, settings=cluster.settings, x=1).wait(timeout_s=60)
+        assert run.status == "completed"
+        # The broker tab's data: Flower's own Redis client, given Celery's broker_use_ssl.
+        queues = flower.get_json("/api/queues/length")["active_queues"]
+        assert {q["name"] for q in queues} == {"cpu"}
+        flower.process.wait_until(
+            lambda: len(flower.tasks()) >= len(run.steps), 30, "the run's tasks in Flower"
+        )
+    finally:
+        flower.process.stop()
+    assert "Traceback" not in flower.process.log_text()
 
 
 def test_tls_redis_refuses_a_plaintext_client(cluster: TLSCluster) -> None:
@@ -186,6 +210,30 @@ def test_tls_broker_with_the_wrong_ca_is_refused_with_a_sentence(
         main(["dead-letters"])
     assert exited.value.code == 1
     assert "the TLS connection to the broker (Redis)" in capsys.readouterr().err
+
+
+def test_tls_worker_with_the_wrong_broker_ca_fails_at_start(
+    cluster: TLSCluster, tmp_path: Path
+) -> None:
+    # Celery alone retries the broker connection forever at start-up: a certificate that
+    # never verifies must stop `zw worker` with the sentence instead.
+    env = {
+        **os.environ,
+        **cluster.env,
+        "ZW_BROKER_CA_FILE": str(cluster.certs.wrong_ca_file),
+        "ZW_HOME": str(tmp_path),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "zenml_workers.cli", "worker", "--queues", "cpu", "-n", "ca@t"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "the worker cannot start: the TLS connection to the broker (Redis)" in done.stderr
+    assert "set ZW_BROKER_CA_FILE to the CA certificate" in done.stderr
+    assert "celery@" not in done.stdout + done.stderr  # no Celery banner: it never started
 
 
 def test_tls_submit_with_the_wrong_broker_ca_logs_the_sentence(
@@ -279,7 +327,7 @@ def test_tls_links_work_from_a_stack_file(cluster: TLSCluster, tmp_path: Path) -
             pass
     finally:
         store.dispose()
-    dead = DeadLetterList.from_url(str(settings.broker_url), settings.broker_ssl_options())
+    dead = DeadLetterList.from_url(settings.reveal_broker_url(), settings.broker_ssl_options())
     try:
         assert dead.newest(1) == []
     finally:

@@ -120,7 +120,7 @@ def test_trust_worker_refuses_forged_messages_and_keeps_serving(worker: Worker) 
         (team.sign({**task, "inputs": [outside]}), "outside this stack's artifact store"),
     ]
     for forged, _ in forgeries:
-        _send(worker.settings.broker_url or "", forged)
+        _send(worker.settings.reveal_broker_url(), forged)
 
     wait_until(
         lambda: len(_dead_reasons(worker.client)) >= len(forgeries), 30, "every forgery refused"
@@ -173,7 +173,7 @@ def test_trust_materializer_named_by_a_message_is_never_imported(
         pipeline="parked_after_make",
         inputs=[evil_input],
     ).encode()
-    _send(worker.settings.broker_url or "", Signer(KEY, [KEY], insecure=False).sign(task))
+    _send(worker.settings.reveal_broker_url(), Signer(KEY, [KEY], insecure=False).sign(task))
 
     run = handle.wait(timeout_s=60, progress=False)
     # The worker read the input's real materializer from the metadata store instead.
@@ -226,7 +226,7 @@ def test_trust_no_secret_in_celery_inspect_conf_or_flower(worker: Worker, start_
     assert "cpu@trust" in out.stdout
     assert not [s for s in secrets if s in out.stdout + out.stderr]
 
-    flower = start_flower(worker.settings.broker_url)
+    flower = start_flower(worker.settings.reveal_broker_url())
     flower.wait_for_worker("cpu@trust")
     workers = json.dumps(flower.get_json("/api/workers?refresh=1"))
     assert "cpu@trust" in workers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,9 +63,15 @@ def _answers(url: str) -> bool:
 
 
 def start_flower_process(
-    broker_url: str, app_module: str = DEFAULT_APP, *, log_dir: Path
+    broker_url: str,
+    app_module: str = DEFAULT_APP,
+    *,
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
 ) -> FlowerServer:
     """Start ``celery -A app_module flower`` on a free loopback port with an open API.
+
+    ``env`` adds settings the app needs besides the broker URL (e.g. its TLS files).
 
     Raises:
         TimeoutError: when ``GET /api/workers`` does not answer 200 in time (with the log tail).
@@ -86,7 +92,9 @@ def start_flower_process(
             "--address=127.0.0.1",
         ],
         log_path=log_dir / f"flower-{port}.log",
-        env=service_env({"FLOWER_UNAUTHENTICATED_API": "true", "ZW_BROKER_URL": broker_url}),
+        env=service_env(
+            {**(env or {}), "FLOWER_UNAUTHENTICATED_API": "true", "ZW_BROKER_URL": broker_url}
+        ),
         cwd=REPO_ROOT,
     ).start()
     url = f"http://127.0.0.1:{port}"
@@ -108,8 +116,10 @@ def start_flower(tmp_path: Path) -> Iterator[Callable[..., FlowerServer]]:
     """
     started: list[FlowerServer] = []
 
-    def start(broker_url: str, app_module: str = DEFAULT_APP) -> FlowerServer:
-        server = start_flower_process(broker_url, app_module, log_dir=tmp_path)
+    def start(
+        broker_url: str, app_module: str = DEFAULT_APP, env: Mapping[str, str] | None = None
+    ) -> FlowerServer:
+        server = start_flower_process(broker_url, app_module, log_dir=tmp_path, env=env)
         started.append(server)
         return server
 

@@ -50,7 +50,46 @@ def test_settings_keep_secrets_out_of_repr_and_records() -> None:
         secret_key="signpw",
         previous_secret_keys="oldpw",
     )
-    shown = repr(s) + str(s) + repr(s.describe()) + s.model_dump_json()
+    shown = " ".join(
+        [
+            repr(s),
+            str(s),
+            repr(s.describe()),
+            s.model_dump_json(),
+            repr(s.model_dump()),
+            f"{s.broker_url} {s.metadata_url!r} {s.broker_url!s}",
+        ]
+    )
     for secret in ("brokerpw", "dbpw", "qpw", "s3pw", "signpw", "oldpw"):
         assert secret not in shown, secret
-    assert s.s3_options()["secret_access_key"] == "s3pw"  # still usable where it is needed
+    assert "redis://:***@h:6379/0" in shown  # redacted, not blanked: the host stays readable
+    # Still usable where a client connects, and only through an explicit call.
+    assert s.s3_options()["secret_access_key"] == "s3pw"
+    assert s.reveal_broker_url() == "redis://:brokerpw@h:6379/0"
+    assert "dbpw" in s.resolved_metadata_url()
+
+
+def test_url_settings_are_secret_types_so_an_fstring_cannot_leak_them() -> None:
+    from pydantic import SecretStr
+
+    s = Settings(broker_url="redis://:pw@h/0", metadata_url="postgresql://u:pw@db/zw")
+    assert isinstance(s.broker_url, SecretStr) and isinstance(s.metadata_url, SecretStr)
+    assert not hasattr(s.broker_url, "startswith")  # no str method to misuse it through
+    assert Settings().is_embedded and Settings().reveal_broker_url() == ""
+    assert Settings(broker_url="").is_embedded
+
+
+def test_a_model_copy_with_plain_strings_still_hides_them() -> None:
+    # model_copy(update=...) skips validation, so the fields hold plain str.
+    s = Settings().model_copy(
+        update={"broker_url": "redis://:pw1@h/0", "s3_secret_access_key": "pw2"}
+    )
+    shown = repr(s) + s.model_dump_json()
+    assert "pw1" not in shown and "pw2" not in shown
+    assert s.reveal_broker_url() == "redis://:pw1@h/0" and not s.is_embedded
+
+
+def test_settings_identity_changes_with_a_url_password() -> None:
+    a = Settings(metadata_url="postgresql://u:one@db/zw")
+    b = Settings(metadata_url="postgresql://u:two@db/zw")
+    assert a.identity() != b.identity()

@@ -119,7 +119,7 @@ def test_stack_file_values_apply(tmp_path: Path) -> None:
 
     settings = load_settings(path)
 
-    assert settings.broker_url == "redis://team:6379/0"
+    assert settings.reveal_broker_url() == "redis://team:6379/0"
     assert settings.queues == ["cpu", "gpu", "tpu"]
     assert settings.max_queued_per_run == 8
 

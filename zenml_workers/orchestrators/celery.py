@@ -26,7 +26,7 @@ class CeleryOrchestrator(Orchestrator):
 
         require_key(settings, "client")
         self.app = create_app(settings)
-        self.events = RunEvents(settings.broker_url or "", settings.broker_ssl_options())
+        self.events = RunEvents(settings.reveal_broker_url(), settings.broker_ssl_options())
         self._subs: dict[str, Any] = {}
         self._lock = threading.Lock()
 

@@ -374,6 +374,41 @@ def tls_refusal(error: BaseException, broker_url: str | None = None) -> str | No
     )
 
 
+def check_broker_link(broker_url: str, ssl_options: Mapping[str, Any] | None = None) -> None:
+    """Fail at worker start on a broker link no retry can fix (a TLS refusal).
+
+    Celery retries the broker connection forever at start-up, which is right for an outage
+    (Redis restarting) and wrong for a certificate that will never verify. Anything else
+    (down, unreachable) is left to those retries.
+
+    Raises:
+        ConfigurationError: the broker refused the TLS handshake (or we refused its
+            certificate), with the sentence naming Redis and the setting to fix.
+    """
+    import redis
+
+    from stores.metadata.store import redact_url
+
+    if urlsplit(broker_url).scheme not in ("redis", "rediss"):
+        return
+    client = redis.Redis.from_url(
+        broker_url, socket_timeout=5, socket_connect_timeout=5, **(ssl_options or {})
+    )
+    try:
+        client.ping()
+    except _redis_errors() as e:
+        refused = tls_refusal(e, broker_url)
+        if refused is not None:
+            raise ConfigurationError(f"the worker cannot start: {refused}") from None
+        log.warning(
+            "the broker at %s does not answer yet (%s); the worker keeps trying",
+            redact_url(broker_url),
+            e,
+        )
+    finally:
+        client.close()
+
+
 def _unavailable(
     verb: str, error: BaseException, url: str | None = None
 ) -> BrokerUnavailableError | ConfigurationError:

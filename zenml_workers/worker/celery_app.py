@@ -39,7 +39,7 @@ def create_app(settings: Settings) -> Celery:
 
     from zenml_workers.worker.broker import celery_config, tls_transport_options
 
-    app = Celery("zenml_workers", broker=settings.broker_url, set_as_current=False)
+    app = Celery("zenml_workers", broker=settings.reveal_broker_url(), set_as_current=False)
     app.conf.update(
         # A publish to a broker that is down gives up after ~1 s instead of blocking the
         # caller; the steps stay queued in SQL and the scheduler sends them later.
@@ -67,7 +67,7 @@ def create_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": int(settings.visibility_timeout_s),
-            **tls_transport_options(settings.broker_url, settings.broker_ssl_options()),
+            **tls_transport_options(settings.reveal_broker_url(), settings.broker_ssl_options()),
         },
         # No step may outlive the visibility timeout (Redis would deliver it again). A global
         # limit also switches on the pool's time-limit handling that steps' timeout_s needs.
@@ -75,7 +75,7 @@ def create_app(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         # Our Redis transport: a message that is not a valid envelope is dead-lettered
         # instead of stopping the worker (see zenml_workers.worker.broker).
-        **celery_config(settings.broker_url, settings.broker_ssl_options()),
+        **celery_config(settings.reveal_broker_url(), settings.broker_ssl_options()),
     )
     # On the app object, not in app.conf: `celery inspect conf` and Flower show app.conf to
     # any broker client, and the settings hold credentials.

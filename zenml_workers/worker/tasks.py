@@ -44,7 +44,7 @@ def register(app: Celery) -> None:
     from zenml_workers.worker.celery_app import STEP_TASK, RunEvents, send_or_mark_unsent
     from zenml_workers.worker.signing import require_key
 
-    events = RunEvents(app.zw_settings.broker_url or "", app.zw_settings.broker_ssl_options())
+    events = RunEvents(app.zw_settings.reveal_broker_url(), app.zw_settings.broker_ssl_options())
 
     @app.task(
         name=STEP_TASK,
@@ -68,7 +68,7 @@ def register(app: Celery) -> None:
 
             # Returning acks it: no redelivery can turn a malformed message into a step.
             drop_step_task(
-                app.zw_settings.broker_url,
+                app.zw_settings.reveal_broker_url(),
                 self.request,
                 task,
                 e,
@@ -87,7 +87,7 @@ def register(app: Celery) -> None:
             from zenml_workers.worker.broker import drop_step_task
 
             drop_step_task(
-                app.zw_settings.broker_url,
+                app.zw_settings.reveal_broker_url(),
                 self.request,
                 task,
                 e,

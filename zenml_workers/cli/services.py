@@ -1,39 +1,14 @@
-"""``zw``: run workers, the scheduler and Flower; inspect runs, logs and cache decisions."""
+"""``zw worker``, ``zw scheduler`` and ``zw flower``: the processes of a cluster."""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Any
 
 import click
 
-from zenml_workers.errors import ZenMLWorkersError
-
-
-def _settings(ctx: click.Context) -> Any:
-    from zenml_workers.settings import load_settings
-
-    return load_settings(ctx.obj.get("stack_file"))
-
-
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-@click.group()
-@click.option(
-    "--stack-file", envvar="ZW_STACK_FILE", default=None, help="TOML stack file (ZW_STACK_FILE)."
-)
-@click.pass_context
-def cli(ctx: click.Context, stack_file: str | None) -> None:
-    """zenml-workers: ZenML-style pipelines on Celery workers."""
-    ctx.ensure_object(dict)
-    ctx.obj["stack_file"] = stack_file
+from zenml_workers.cli.base import cli, settings_of
 
 
 @cli.command()
@@ -62,7 +37,7 @@ def worker(
     loglevel: str,
 ) -> None:
     """Start a Celery worker on the configured broker."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if settings.is_embedded:
         raise click.UsageError(
             "no broker configured; set ZW_BROKER_URL (e.g. redis://localhost:6379/0)"
@@ -171,7 +146,7 @@ def scheduler(ctx: click.Context, interval: float, once: bool) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if settings.is_embedded:
         raise click.UsageError("the scheduler serves a cluster; set ZW_BROKER_URL")
     from zenml_workers.worker.signing import require_key
@@ -260,7 +235,7 @@ def flower(
     FLOWER_BASIC_AUTH), not its command line, which any local user can read with `ps`.
     Flower's own OAuth (FLOWER_AUTH with FLOWER_AUTH_PROVIDER) counts as a log-in too.
     """
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if settings.is_embedded:
         raise click.UsageError("Flower watches a broker; set ZW_BROKER_URL")
     args, passed = _pop_flower_option(flower_args, "basic_auth")
@@ -319,169 +294,3 @@ def flower(
         ],
         env,
     )
-
-
-@cli.command()
-@click.option("--pipeline", "-p", default=None)
-@click.option("--limit", type=int, default=20, show_default=True)
-@click.pass_context
-def runs(ctx: click.Context, pipeline: str | None, limit: int) -> None:
-    """List recent runs."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from zenml_workers.sdk.client import Client
-
-    table = Table("run", "pipeline", "status", "steps", "cached", "created (UTC)", "duration")
-    for run in Client(_settings(ctx)).list_runs(pipeline=pipeline, limit=limit):
-        cached = sum(1 for s in run.steps.values() if s.is_cached)
-        duration = f"{run.duration_s:.2f}s" if run.duration_s is not None else "-"
-        table.add_row(
-            run.id[:8],
-            run.pipeline,
-            run.status,
-            str(len(run.steps)),
-            str(cached),
-            _when(run.created_at),
-            duration,
-        )
-    Console().print(table)
-
-
-@cli.command()
-@click.argument("run_id")
-@click.pass_context
-def show(ctx: click.Context, run_id: str) -> None:
-    """Show a run's steps, where they ran, and its message."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from zenml_workers.sdk.client import Client
-    from zenml_workers.sdk.runner import RunHandle
-    from zenml_workers.sdk.stack import get_stack
-
-    stack = get_stack(_settings(ctx))
-    run = Client(stack.settings).get_run(run_id)
-    console = Console()
-    console.print(
-        f"run [bold]{run.id}[/bold] of [bold]{run.pipeline}[/bold]: {run.status} {run.message}"
-    )
-    if run.status == "running":
-        for queue, steps in RunHandle(run.id, stack).blocked_queues().items():
-            console.print(
-                f"[yellow]warning:[/yellow] step(s) {', '.join(steps)} wait on queue {queue!r}, "
-                f"which no live worker consumes; start one with `zw worker --queues {queue}`"
-            )
-    table = Table("step", "status", "queue", "attempt", "host", "duration", "outputs")
-    for st in run.steps.values():
-        duration = f"{st.duration_s:.3f}s" if st.duration_s is not None else "-"
-        table.add_row(
-            st.invocation_id,
-            st.status,
-            st.queue,
-            str(st.attempt),
-            st.worker_host or "-",
-            duration,
-            ", ".join(st.outputs),
-        )
-    console.print(table)
-
-
-@cli.command()
-@click.argument("run_id")
-@click.argument("step")
-@click.pass_context
-def logs(ctx: click.Context, run_id: str, step: str) -> None:
-    """Print a step's captured stdout, stderr and logging."""
-    from zenml_workers.sdk.client import Client
-
-    click.echo(Client(_settings(ctx)).logs(run_id, step), nl=False)
-
-
-@cli.command()
-@click.argument("run_id")
-@click.argument("step")
-@click.pass_context
-def explain(ctx: click.Context, run_id: str, step: str) -> None:
-    """Say why a step was, or was not, a cache hit."""
-    from zenml_workers.sdk.client import Client
-
-    for reason in Client(_settings(ctx)).explain_cache(run_id, step):
-        click.echo(f"- {reason}")
-
-
-@cli.command()
-@click.argument("run_id")
-@click.pass_context
-def cancel(ctx: click.Context, run_id: str) -> None:
-    """Cancel a run: revoke queued steps and stop running ones."""
-    from zenml_workers.sdk.runner import RunHandle
-    from zenml_workers.sdk.stack import get_stack
-
-    stack = get_stack(_settings(ctx))
-    from zenml_workers.sdk.client import Client
-
-    run = Client(stack.settings).get_run(run_id)
-    RunHandle(run.id, stack).cancel()
-    click.echo(f"cancelled run {run.id}")
-
-
-@cli.command("dead-letters")
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Records to list."
-)
-@click.option("--clear", is_flag=True, help="Empty the list after listing it.")
-@click.pass_context
-def dead_letters(ctx: click.Context, limit: int, clear: bool) -> None:
-    """List the messages workers dropped as unreadable, newest first."""
-    from zenml_workers.worker.broker import DEAD_LETTER_KEY, DeadLetterList
-
-    settings = _settings(ctx)
-    if settings.is_embedded:
-        click.echo(
-            "there is no broker on the embedded default, so no dead letters; "
-            "set ZW_BROKER_URL to read a cluster's"
-        )
-        return
-    dead = DeadLetterList.from_url(settings.reveal_broker_url(), settings.broker_ssl_options())
-    try:
-        letters = dead.newest(limit)
-        if not letters:
-            click.echo(f"no dead letters in {DEAD_LETTER_KEY} on {settings.broker_url}")
-        for letter in letters:
-            if isinstance(letter, str):
-                click.echo(f"-  ?  not a dead-letter record  {letter[:80]!r}")
-                continue
-            click.echo(f"{_when(letter.at)}  {letter.queue}  {letter.reason}  {letter.raw[:80]!r}")
-        if clear:
-            click.echo(f"cleared {dead.clear()} record(s) from {DEAD_LETTER_KEY}")
-    finally:
-        dead.client.close()
-
-
-@cli.command()
-@click.pass_context
-def stack(ctx: click.Context) -> None:
-    """Show the active stack (credentials hidden)."""
-    for key, value in _settings(ctx).describe().items():
-        click.echo(f"{key}: {value}")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: turns our errors into one line and exit status 1."""
-    try:
-        cli.main(
-            args=list(argv) if argv is not None else None, prog_name="zw", standalone_mode=False
-        )
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except ZenMLWorkersError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -159,3 +159,29 @@ class WorkerRow(Base):
     started_at: Mapped[float] = mapped_column(Float)
     heartbeat_at: Mapped[float] = mapped_column(Float, index=True)
     stopped: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class StoreInfoRow(Base):
+    """Facts about the store itself; ``store_id`` (made at migration time) names it."""
+
+    __tablename__ = "store_info"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class StepLogRow(Base):
+    """One batch of a step attempt's output lines, in order (``seq``) with stream and time."""
+
+    __tablename__ = "step_logs"
+    __table_args__ = (UniqueConstraint("step_run_id", "attempt", "seq", name="uq_step_logs_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    step_run_id: Mapped[str] = mapped_column(ForeignKey("step_runs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(Integer)
+    #: ``stdout``, ``stderr`` or ``log`` (a logging record).
+    stream: Mapped[str] = mapped_column(String(8))
+    ts: Mapped[float] = mapped_column(Float)
+    text: Mapped[str] = mapped_column(Text)

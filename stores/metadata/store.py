@@ -29,7 +29,7 @@ log = logging.getLogger("zenml_workers.stores.metadata")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 #: Newest Alembic revision; checked with one query at start-up so Alembic is only imported to migrate.
-HEAD_REVISION = "0002_artifact_corrupted_at"
+HEAD_REVISION = "0004_step_logs"
 
 
 #: Query parameters whose values are secrets, matched as substrings of the lower-cased name

@@ -38,6 +38,8 @@ NAMES = (
     "cluster-chain",
     "fanout",
     "planning",
+    "logs",
+    "stop",
     "faults",
     "profile",
     "chaos",
@@ -254,6 +256,26 @@ def _cluster(lab: Lab, selected: list[str], quick: bool) -> None:
         )
 
 
+def _stop(lab: Lab, workdir: Path, quick: bool) -> None:
+    from bench import stop
+
+    repeats = 2 if quick else 3
+    try:
+        with stop.stop_cluster(workdir) as c:
+            lab.run("stop.host", lambda: stop.bench_host_overhead(c, repeats=2 * repeats))
+            lab.run(
+                "stop.latency",
+                lambda: stop.bench_stop_latency(c, workdir / "stop-latency", repeats),
+            )
+            lab.run(
+                "stop.hand_back",
+                lambda: stop.bench_hand_back(c, workdir / "stop-hand-back", repeats),
+            )
+    except Exception as e:  # the cluster did not start: the other benchmarks still run
+        lab.errors["stop"] = "".join(traceback.format_exception(e))
+        progress(f"stop FAILED: {type(e).__name__}: {e}")
+
+
 @contextlib.contextmanager
 def _workdir(keep: bool) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="zw-bench-"))
@@ -285,12 +307,18 @@ def main(argv: list[str] | None = None) -> int:
                 _embedded(lab, args.selected, args.quick)
             if "planning" in args.selected:
                 _planning(lab, args.quick)
+            if "logs" in args.selected:
+                from bench.logs import bench_logs
+
+                lab.run("logs", lambda: bench_logs(workdir, quick=args.quick))
             if set(args.selected) & set(GROUPS["cluster"]):
                 _cluster(lab, args.selected, args.quick)
             if "s3" in args.selected:
                 from bench.artifacts import bench_s3
 
                 lab.run("s3", lambda: bench_s3(workdir, s3_mib * 1024 * 1024))
+            if "stop" in args.selected:
+                _stop(lab, workdir, args.quick)
             if "faults" in args.selected:
                 from bench.faults import bench_faults
 

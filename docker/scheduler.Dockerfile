@@ -1,5 +1,5 @@
 # Scheduler: plans runs, dispatches ready steps to the queues and recovers expired leases.
-#   docker build -f docker/scheduler.Dockerfile -t zenml-workers-scheduler .
+#   docker build -f docker/scheduler.Dockerfile -t zenml-workers-scheduler:0.1.0 .
 FROM python:3.11.9-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -24,9 +24,11 @@ from sqlalchemy.orm import Session
 
 from scheduler import cache
 from scheduler.specs import PipelineSpec, StepSpec, StepTask
+from stores.metadata import logs as step_logs
 from stores.metadata import queries as q
 from stores.metadata.models import RunRow
 from stores.metadata.states import UNSTARTED, Move, RunStatus, StepStatus
+from stores.metadata.store import STORE_INFO_KEY
 
 DEFAULT_WINDOW = 64
 
@@ -366,12 +368,15 @@ def queued_step(s: Session, row: Any, inputs: list[dict[str, str]] | None = None
     """The broker task for a queued step-run row (``id``, ``run_id``, ``invocation_id``,
     ``step_name``, ``queue``, ``task_id``)."""
     spec, by_id, _ = SPECS.get(s, row.run_id)
+    store_id, store_url = store_identity(s)
     task = StepTask(
         run_id=row.run_id,
         step_run_id=row.id,
         invocation_id=row.invocation_id,
         pipeline=spec.name,
         inputs=inputs,
+        store_id=store_id,
+        store_url=store_url,
     )
     return QueuedStep(
         task=task,
@@ -380,6 +385,15 @@ def queued_step(s: Session, row: Any, inputs: list[dict[str, str]] | None = None
         step_name=row.step_name,
         timeout_s=by_id[row.invocation_id].timeout_s,
     )
+
+
+def store_identity(s: Session) -> tuple[str, str]:
+    """The id and redacted URL of the metadata store ``s`` belongs to, which every step task
+    carries (``("", "")`` for a session made outside a :class:`MetadataStore`)."""
+    store = s.info.get(STORE_INFO_KEY)
+    if store is None:
+        return "", ""
+    return store.store_id(s), store.redacted_url
 
 
 def finish_run_if_done(s: Session, run_id: str, *, now: float) -> bool:
@@ -394,6 +408,19 @@ def finish_run_if_done(s: Session, run_id: str, *, now: float) -> bool:
     return False
 
 
+#: Key of a step's ``values`` holding its attempt's last log lines (a
+#: :class:`stores.metadata.logs.LogWrite`), stored by the transaction that ends the attempt.
+LOG_LINES = "log_lines"
+
+
+def _split_log_lines(values: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The column values, and the log lines to store with them (None when there are none)."""
+    if LOG_LINES not in values:
+        return values, None
+    rest = dict(values)
+    return rest, rest.pop(LOG_LINES)
+
+
 def step_succeeded(
     s: Session,
     row: Any,
@@ -406,9 +433,11 @@ def step_succeeded(
     now: float,
 ) -> list[QueuedStep] | None:
     """Commit a successful attempt and move the run on; None when the attempt had lost its lease."""
+    values, log_lines = _split_log_lines(values)
     run_status = q.complete_attempt(s, row.id, attempt, ended_at=now, **values)
     if run_status is None:
         return None
+    step_logs.store(s, row.id, attempt, log_lines)
     q.add_artifacts(s, artifacts)
     q.add_lineage(s, edges)
     if run_status != RunStatus.RUNNING.value:
@@ -449,6 +478,7 @@ def step_failed(
     Returns the retry task to send (to start after ``retry_delay_s``), ``[]`` when the run
     failed, None when the attempt had lost its lease.
     """
+    values, log_lines = _split_log_lines(values)
     if retry_allowed and attempt < row.max_attempts:
         task_id = q.task_id(row.id, attempt + 1)
         if not q.finish_attempt(
@@ -464,6 +494,7 @@ def step_failed(
             **values,
         ):
             return None
+        step_logs.store(s, row.id, attempt, log_lines)
         retry = q.QueuedRow(
             row.id, row.run_id, row.invocation_id, row.step_name, row.queue, task_id
         )
@@ -479,6 +510,7 @@ def step_failed(
         **values,
     ):
         return None
+    step_logs.store(s, row.id, attempt, log_lines)
     fail_run(s, row.run_id, f"step {row.invocation_id!r} failed: {error}", now=now)
     return []
 

@@ -7,6 +7,7 @@ sleeping: write an expired lease, call :func:`recover` with a later ``now``.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ def recover(
     judge_heartbeats: bool = False,
     resend_all_queued: bool = False,
     resend: Sequence[str] = (),
+    events: Counter[str] | None = None,
 ) -> list[QueuedStep]:
     """Expire the leases of silent workers, requeue expired leases, resend stale queued steps,
     top up windows and close finished runs.
@@ -56,14 +58,19 @@ def recover(
         resend_all_queued: the broker lost its queues (it restarted empty): send every
             queued step again now.
         resend: step run ids whose message the broker lost (still queued ones are resent).
+        events: counts what this pass did, by kind (``requeue``, ``resend``, ``silent_worker``:
+            leases ended because their worker went silent, ``lost_worker_failure``), for the
+            scheduler's metrics.
 
     Returns the tasks to send once the caller commits.
     """
     out: list[QueuedStep] = []
+    events = Counter() if events is None else events
     if judge_heartbeats:
         gone = w.silent_workers(s, heartbeat_before=policy.lease.silent_before(now))
         if gone:
             n = w.expire_leases_held_by(s, gone, now)
+            events["silent_worker"] += n
             log.warning("workers %s are silent; expired %d lease(s)", ", ".join(gone), n)
     for row in q.expired_leases(s, now):
         if row.attempt < policy.lease.attempts_after_lost_worker(row.max_attempts):
@@ -84,6 +91,7 @@ def recover(
                     row.worker_host,
                 )
                 row.task_id = task_id
+                events["requeue"] += 1
                 out.append(dispatch.queued_step(s, row))
         elif dispatch.fail_lost_attempt(
             s,
@@ -94,6 +102,7 @@ def recover(
             why=f"the worker running attempt {row.attempt} on {row.worker_host} vanished",
             now=now,
         ):
+            events["lost_worker_failure"] += 1
             log.error(
                 "run %s step %s: out of attempts after a lost worker", row.run_id, row.invocation_id
             )
@@ -111,6 +120,7 @@ def recover(
             if row.queued_at == q.UNSENT
             else f"{now - (row.queued_at or now):.0f}s ago",
         )
+        events["resend"] += 1
         out.append(dispatch.queued_step(s, row))
     for run in q.running_runs(s):
         if not dispatch.finish_run_if_done(s, run.id, now=now):

@@ -8,6 +8,7 @@ no worker consumes. Kill and restart it at any time: all state is in SQL.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -131,6 +132,9 @@ class SchedulerService:
         self._resend_all = False
         self._checked_broker_at = 0.0
         self._stop = threading.Event()
+        #: What recovery did since this service started, by kind (exported as metrics).
+        #: Counted only for passes whose transaction committed.
+        self.events: collections.Counter[str] = collections.Counter()
 
     def run_once(self, now: float | None = None) -> list[QueuedStep]:
         """One recovery pass; returns what it sent.
@@ -145,6 +149,7 @@ class SchedulerService:
             self._resend_all = True
         try:
             missing = self._missing_from_broker(now)
+            events: collections.Counter[str] = collections.Counter()
             with self.metadata.transaction() as s:
                 out = recover(
                     s,
@@ -155,7 +160,9 @@ class SchedulerService:
                     ),
                     resend_all_queued=self._resend_all,
                     resend=missing,
+                    events=events,
                 )
+            self.events.update(events)
         except Exception:
             self.watching_since = None
             raise

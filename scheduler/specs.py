@@ -164,6 +164,12 @@ class StepTask:
     ``inputs`` optionally carries the step's input artifacts (``{step, output, id, uri,
     materializer, data_type, content_hash}`` each), known to the transaction
     that queued it; artifacts are immutable, so the worker can skip reading them back.
+
+    ``store_id`` names the metadata store the step was planned in (its ``store_info`` id) and
+    ``store_url`` is that store's URL with its secrets hidden, so a worker connected to
+    another store refuses the message by naming both stores instead of failing to find the
+    run. Both are inside the signed body; a message without them (an older client) is run
+    unchecked.
     """
 
     run_id: str
@@ -171,12 +177,17 @@ class StepTask:
     invocation_id: str
     pipeline: str
     inputs: list[dict[str, str]] | None = None
+    store_id: str = ""
+    store_url: str = ""
     version: int = SPEC_VERSION
 
     def encode(self) -> dict[str, Any]:
         d = asdict(self)
         if self.inputs is None:
             del d["inputs"]
+        for optional in ("store_id", "store_url"):
+            if not d[optional]:
+                del d[optional]  # an older worker's message stays byte-identical
         return d
 
     @classmethod
@@ -187,5 +198,7 @@ class StepTask:
             invocation_id=d["invocation_id"],
             pipeline=d.get("pipeline", ""),
             inputs=d.get("inputs"),
+            store_id=str(d.get("store_id") or ""),
+            store_url=str(d.get("store_url") or ""),
             version=d.get("version", SPEC_VERSION),
         )

@@ -55,6 +55,9 @@ if [ "$profile" = full ]; then
     command -v ip >/dev/null 2>&1 || apt_missing+=(iproute2)
     command -v unshare >/dev/null 2>&1 || apt_missing+=(util-linux)
     command -v hostname >/dev/null 2>&1 || apt_missing+=(hostname)
+    # The deployment-file tests: shell scripts linted, k8s manifests validated with node.
+    command -v shellcheck >/dev/null 2>&1 || apt_missing+=(shellcheck)
+    command -v npm >/dev/null 2>&1 || apt_missing+=(npm)
 fi
 
 if [ "${#apt_missing[@]}" -gt 0 ]; then
@@ -75,6 +78,16 @@ if [ "${#apt_missing[@]}" -gt 0 ]; then
     # --no-install-recommends: docker-compose would otherwise pull in the whole Docker engine.
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
+fi
+
+# ---- node validators of the k8s manifests (tests/k8s/package.json) -----------------------------
+k8s_dir=tests/k8s
+k8s_stamp="$k8s_dir/node_modules/.zw-setup.stamp"
+if [ "$profile" = full ] && ! { [ -f "$k8s_stamp" ] && [ "$(cat "$k8s_stamp")" = "$(sha256sum <"$k8s_dir/package.json")" ]; }; then
+    log "installing the Kubernetes and KEDA schema validators into $k8s_dir (npm)"
+    # No lock file: package.json pins the three packages it names.
+    npm install --prefix "$k8s_dir" --no-audit --no-fund --no-package-lock --loglevel=error >/dev/null
+    sha256sum <"$k8s_dir/package.json" >"$k8s_stamp"
 fi
 
 # ---- virtualenv --------------------------------------------------------------------------------

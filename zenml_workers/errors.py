@@ -43,7 +43,9 @@ __all__ = [
     "RunTimeoutError",
     "StepDefinitionError",
     "StepFailedError",
+    "StepTimeoutError",
     "StoreError",
+    "StoreMismatchError",
     "UntrustedInputError",
     "ZenMLWorkersError",
 ]
@@ -83,12 +85,27 @@ class RunFailedError(ExecutionError):
 
 
 class StepFailedError(RunFailedError):
-    """Raised by ``wait()`` when a step raised; carries the step's remote traceback."""
+    """Raised by ``wait()`` when a step raised; carries the step's remote traceback. A
+    worker's Celery task raises it too, after recording the failure, so that the task ends
+    in FAILURE with the step's exception (Flower)."""
 
     def __init__(self, message: str, *, run_id: str, step: str, remote_traceback: str):
         super().__init__(message, run_id=run_id, failed_steps={step: remote_traceback})
         self.step = step
         self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Picklable with its keyword arguments (Celery pickles a task's exception).
+        return _step_failed, (str(self), self.run_id, self.step, self.remote_traceback)
+
+
+def _step_failed(message: str, run_id: str, step: str, remote_traceback: str) -> StepFailedError:
+    return StepFailedError(message, run_id=run_id, step=step, remote_traceback=remote_traceback)
+
+
+class StepTimeoutError(ExecutionError):
+    """Raised inside a step that ran past its ``timeout_s`` (recorded as the step's failure and
+    retried if it has retries), and recorded for a step killed because it did not stop."""
 
 
 class RunCancelledError(ExecutionError):
@@ -114,3 +131,9 @@ class CodeIntegrityError(ExecutionError):
 class UntrustedInputError(ExecutionError):
     """Raised when a step message names an artifact outside the stack's artifact store or a
     materializer that is neither registered nor in an allowed module."""
+
+
+class StoreMismatchError(ExecutionError):
+    """Raised when a worker refuses a step message planned in another metadata store than its
+    own (the client and the workers have different ``ZW_METADATA_URL``), and by ``wait()`` on
+    timeout when workers refused the run's steps for that reason."""

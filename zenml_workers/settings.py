@@ -91,6 +91,19 @@ class Settings(BaseSettings):
     #: A step's retry waits this long after its first failure, doubling each time (up to 60 s,
     #: jittered); 0 retries at once.
     retry_delay_s: float = 1.0
+    #: A step asked to stop (cancelled, past its ``timeout_s``, handed back at shutdown) that
+    #: still runs this long after is killed; a killed step on a solo worker frees its GPU.
+    stop_grace_s: float = Field(default=5.0, ge=0.0)
+    #: On SIGTERM a worker lets its running steps finish for this long, then hands the rest
+    #: back to the broker for another worker without costing them an attempt (a second
+    #: signal does it at once). Keep it below your platform's kill timeout.
+    shutdown_grace_s: float = Field(default=20.0, ge=0.0)
+    #: How often a solo worker's step host and the embedded pool read a running step's row to
+    #: see whether it was cancelled (only while a step runs).
+    stop_check_interval_s: float = Field(default=0.5, gt=0.0)
+    #: Run a solo (GPU) worker's steps in a spawned child process kept warm between steps,
+    #: which the worker can stop; false runs them in the worker process, which cannot.
+    step_host: bool = True
 
     # -- secrets -------------------------------------------------------------------------
     #: The team's key for signing step messages (HMAC-SHA256); workers run only signed ones.

@@ -159,6 +159,10 @@ class WorkerRow(Base):
     started_at: Mapped[float] = mapped_column(Float)
     heartbeat_at: Mapped[float] = mapped_column(Float, index=True)
     stopped: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Steps it runs at once (its pool's processes); 0: not reported (an older worker).
+    concurrency: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Steps it took over after their process was found dead (a counter, never reset).
+    takeovers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class StoreInfoRow(Base):

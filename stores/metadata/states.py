@@ -54,6 +54,7 @@ class Move(StrEnum):
     COMPLETE = "complete"
     RETRY = "retry"  # the step raised and has attempts left
     REQUEUE = "requeue"  # the attempt's lease expired or its worker is gone
+    HAND_BACK = "hand_back"  # its worker shut down before it finished: queued again, uncounted
     FAIL = "fail"
     SKIP = "skip"  # the run failed before the step started
     CANCEL = "cancel"
@@ -85,6 +86,7 @@ MOVES: dict[Move, tuple[frozenset[StepStatus], StepStatus]] = {
     Move.COMPLETE: (frozenset({_S.RUNNING}), _S.COMPLETED),
     Move.RETRY: (frozenset({_S.RUNNING}), _S.QUEUED),
     Move.REQUEUE: (frozenset({_S.RUNNING}), _S.QUEUED),
+    Move.HAND_BACK: (frozenset({_S.RUNNING}), _S.QUEUED),
     Move.FAIL: (frozenset({_S.RUNNING}), _S.FAILED),
     Move.SKIP: (frozenset(UNSTARTED), _S.SKIPPED),
     Move.CANCEL: (frozenset({*UNSTARTED, _S.RUNNING}), _S.CANCELLED),

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +30,11 @@ log = logging.getLogger("zenml_workers.stores.metadata")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 #: Newest Alembic revision; checked with one query at start-up so Alembic is only imported to migrate.
-HEAD_REVISION = "0004_step_logs"
+HEAD_REVISION = "0005_worker_concurrency"
 
+
+#: The key of ``Session.info`` under which every session of a :class:`MetadataStore` names it.
+STORE_INFO_KEY = "zw_metadata_store"
 
 #: Query parameters whose values are secrets, matched as substrings of the lower-cased name
 #: (``password``, ``sslpassword``, ``X-Amz-Signature``, ``access_token``, ``secret_key`` ...).
@@ -160,6 +164,7 @@ class MetadataStore:
         self._lock_fd: int | None = None
         self._lock_pid = 0
         self._thread_lock = threading.RLock()
+        self._store_id: str | None = None
 
     @property
     def is_sqlite(self) -> bool:
@@ -236,6 +241,7 @@ class MetadataStore:
             self._engine.dispose()
         self._engine = self._write_engine = self._autocommit_engine = None
         self._ready = False
+        self._store_id = None  # the URL may name a database made anew after this
 
     # -- migrations -------------------------------------------------------------------------
 
@@ -315,6 +321,40 @@ class MetadataStore:
             "check ZW_METADATA_URL and that the database is running"
         )
 
+    # -- identity ---------------------------------------------------------------------------
+
+    def store_id(self, session: Session | None = None) -> str:
+        """The id this database was given when it was migrated (``store_info``), read once per
+        process; ``""`` for a database without one. With ``session``, read through it (no second
+        connection inside a caller's transaction).
+
+        Step messages carry it, so a worker connected to another database refuses them.
+
+        Raises:
+            MetadataStoreError: the store cannot be read.
+        """
+        if self._store_id is None:
+            from sqlalchemy import text
+
+            query = text("SELECT value FROM store_info WHERE key = 'store_id'")
+            if session is not None:
+                found = session.execute(query).scalar()
+            else:
+                with self.read() as s:
+                    found = s.execute(query).scalar()
+            self._store_id = str(found or "")
+        return self._store_id
+
+    @cached_property
+    def redacted_url(self) -> str:
+        """This store's URL with its secrets hidden (:func:`redact_url`), for messages and logs."""
+        return redact_url(self.url)
+
+    @property
+    def _info(self) -> dict[str, Any]:
+        # Code that gets only a session (scheduler.dispatch) finds its store here.
+        return {STORE_INFO_KEY: self}
+
     # -- sessions ---------------------------------------------------------------------------
 
     @contextmanager
@@ -332,7 +372,7 @@ class MetadataStore:
         with self._writer_lock():
             try:
                 with (
-                    Session(self._write_engine, expire_on_commit=False) as session,
+                    Session(self._write_engine, expire_on_commit=False, info=self._info) as session,
                     session.begin(),
                 ):
                     yield session
@@ -378,7 +418,9 @@ class MetadataStore:
         if self._autocommit_engine is None:
             self._autocommit_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         try:
-            with Session(self._autocommit_engine, expire_on_commit=False) as session:
+            with Session(
+                self._autocommit_engine, expire_on_commit=False, info=self._info
+            ) as session:
                 yield session
         except Exception as e:
             if _is_outage(e):
@@ -392,7 +434,10 @@ class MetadataStore:
 
         engine = self.engine
         try:
-            with Session(engine, expire_on_commit=False) as session, session.begin():
+            with (
+                Session(engine, expire_on_commit=False, info=self._info) as session,
+                session.begin(),
+            ):
                 yield session
         except Exception as e:
             if _is_outage(e):

@@ -1,7 +1,8 @@
 """A real cluster to break: its own Redis, PostgreSQL and SeaweedFS (restartable), a
-``zw scheduler`` process and ``zw worker`` processes, optionally one worker "on another VM"
-in a network namespace. Shared by the fault suite (``tests/faults``) and the fault bench
-(``python -m bench --only faults``); nothing here needs pytest.
+``zw scheduler`` process and ``zw worker`` processes, optionally workers "on other VMs" in
+network namespaces. Shared by the fault suite (``tests/faults``), the multi-host test
+(``tests/integration/test_multi_host.py``) and the fault bench (``python -m bench --only
+faults``); nothing here needs pytest.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import collections
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,11 @@ class FaultCluster:
     postgres: PostgresServer
     s3: S3Server
     env: dict[str, str]
+    #: The first network host; ``net_env`` points a worker in any of them at the services.
     net: NetworkHost | None = None
     net_env: dict[str, str] = field(default_factory=dict)
+    #: Every network host, ``net`` first.
+    nets: list[NetworkHost] = field(default_factory=list)
     scheduler: ServiceProcess | None = None
     workers: list[ServiceProcess] = field(default_factory=list)
     _metadata: Any = None
@@ -92,11 +96,35 @@ class FaultCluster:
         if in_net:
             assert self.net is not None, "this cluster has no network namespace"
             argv = self.net.argv_in(argv, hostname=name.partition("@")[2] or "vm")
+        return self._start_worker_process(
+            f"zw worker {name}", name, argv, service_env(env, drop_prefixes=("ZW_",))
+        )
+
+    def start_remote_worker(
+        self,
+        host: NetworkHost,
+        label: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        hostname: str | None = None,
+    ) -> ServiceProcess:
+        """Run worker ``argv`` inside ``host``, as a container on another VM runs it.
+
+        It gets exactly ``env`` (nothing of this process's environment) and ``hostname`` (the
+        host's own when None); returns once Celery says it is ready.
+        """
+        return self._start_worker_process(label, label, host.argv_in(argv, hostname), env)
+
+    def _start_worker_process(
+        self, label: str, name: str, argv: Sequence[str], env: Mapping[str, str]
+    ) -> ServiceProcess:
+        safe = "".join(c if c.isalnum() or c in "-." else "_" for c in name)
         proc = ServiceProcess(
-            f"zw worker {name}",
+            label,
             argv,
-            log_path=self.root / f"worker-{name.replace('@', '_')}-{uuid.uuid4().hex[:6]}.log",
-            env=service_env(env, drop_prefixes=("ZW_",)),
+            log_path=self.root / f"worker-{safe}-{uuid.uuid4().hex[:6]}.log",
+            env=env,
             cwd=REPO_ROOT,
         ).start()
         try:
@@ -113,10 +141,25 @@ class FaultCluster:
         self.workers.clear()
         self.scheduler = None
 
+    @property
+    def central_address(self) -> str:
+        """The one address of this machine where every service listens for the network hosts.
+
+        It is the first host's ``service_address`` (SeaweedFS binds a single address); the
+        other hosts route it through their own link.
+
+        Raises:
+            RuntimeError: when the cluster has no network host.
+        """
+        if self.net is None:
+            raise RuntimeError("this cluster has no network namespace")
+        return self.net.service_address
+
     def ensure_services(self) -> None:
         """Bring back any service a test left stopped, and heal a cut link."""
-        if self.net is not None and self.net.partitioned:
-            self.net.heal()
+        for net in self.nets:
+            if net.partitioned:
+                net.heal()
         for svc in (self.redis, self.postgres, self.s3):
             if not svc.is_running():
                 svc.start()
@@ -127,8 +170,8 @@ class FaultCluster:
             self._metadata.dispose()
         for svc in (self.s3, self.postgres, self.redis):
             svc.stop()
-        if self.net is not None:
-            self.net.destroy()
+        for net in self.nets:
+            net.destroy()
 
     # -- the client side -------------------------------------------------------------------
 
@@ -157,26 +200,40 @@ def start_fault_cluster(
     *,
     timing: Mapping[str, str] = SHORT_TIMING,
     with_net: bool = False,
+    hostnames: Sequence[str] = (),
 ) -> FaultCluster:
     """Start Redis, PostgreSQL and SeaweedFS for one cluster (no workers yet).
 
-    With ``with_net`` a network namespace is made first and every service also listens on
-    its link, so :meth:`FaultCluster.start_worker` can put a worker "on another VM".
+    With ``hostnames`` a network namespace is made first for each ("VMs" with those
+    hostnames), and every service also listens on :attr:`FaultCluster.central_address`,
+    which each namespace reaches through its own link only; ``with_net`` is one host,
+    ``vm1``. :meth:`FaultCluster.start_worker` puts a worker into the first,
+    :meth:`FaultCluster.start_remote_worker` into any.
 
     Raises:
-        ServiceUnavailableError: a service (or, with ``with_net``, network namespaces) is
-            not available here.
+        ServiceUnavailableError: a service (or, with hosts, network namespaces) is not
+            available here.
+        ValueError: a hostname is not a valid host name.
     """
     root.mkdir(parents=True, exist_ok=True)
-    net = NetworkHost.create(hostname="vm1") if with_net else None
-    started: list[Any] = [net] if net else []
+    if with_net and not hostnames:
+        hostnames = ("vm1",)
+    started: list[Any] = []
+    nets: list[NetworkHost] = []
     try:
-        extra = [net.service_address] if net else []
+        for hostname in hostnames:
+            nets.append(NetworkHost.create(hostname=hostname))
+            started.append(nets[-1])
+        net = nets[0] if nets else None
+        for other in nets[1:]:
+            other.add_route(nets[0].service_address)
+        # PostgreSQL trusts the subnets of its listen addresses, so it listens on every link.
+        extra = [n.service_address for n in nets]
         redis = start_redis(root / "redis", bind_hosts=extra)
         started.append(redis)
         postgres = start_postgres(bind_hosts=extra)
         started.append(postgres)
-        s3 = start_seaweedfs(root / "s3", bind_hosts=extra)
+        s3 = start_seaweedfs(root / "s3", bind_hosts=extra[:1])
         started.append(s3)
         db = f"faults_{uuid.uuid4().hex[:8]}"
         url = postgres.create_database(db)
@@ -208,7 +265,14 @@ def start_fault_cluster(
             svc.destroy() if isinstance(svc, NetworkHost) else svc.stop()
         raise
     return FaultCluster(
-        root=root, redis=redis, postgres=postgres, s3=s3, env=env, net=net, net_env=net_env
+        root=root,
+        redis=redis,
+        postgres=postgres,
+        s3=s3,
+        env=env,
+        net=net,
+        net_env=net_env,
+        nets=nets,
     )
 
 

@@ -1,13 +1,18 @@
 """The deployment files are valid and locked down, without a Docker engine.
 
 Compose config and Dockerfile lint; every secret comes from ``.env`` (``.env.example`` lists
-them); only Flower and the client ports the README names are published, on 127.0.0.1; Flower
-gets the broker and nothing else; MinIO's root stays in MinIO. And ``zw flower`` refuses to
-run without a log-in and keeps the broker password and the log-in out of ``ps``.
+every variable of both compose files); only Flower and the client ports the README names are
+published, on 127.0.0.1 unless ``ZW_PUBLISH_ADDRESS`` says otherwise (Flower always); Flower
+gets the broker and nothing else; MinIO's root stays in MinIO. The workers-only file gives
+remote workers what the central workers get, plus TLS files, and no port. The images install
+what the quickstart imports, take the team's packages and code, and run as a non-root user.
+And ``zw flower`` refuses to run without a log-in and keeps the broker password and the log-in
+out of ``ps``.
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import os
@@ -15,7 +20,7 @@ import re
 import secrets
 import subprocess
 import sys
-import tempfile
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,20 +30,32 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from tests.services.compose import (
+    compose,
+    load_yaml,
+    required_variables,
+    service_environment,
+    variables,
+)
 from tests.services.process import (
     REPO_ROOT,
     ServiceProcess,
     free_port,
     require_binary,
     service_env,
-    service_unavailable,
 )
 from zenml_workers.cli import cli
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+WORKERS_COMPOSE_FILE = REPO_ROOT / "docker-compose.workers.yml"
+COMPOSE_FILES = (COMPOSE_FILE, WORKERS_COMPOSE_FILE)
 ENV_EXAMPLE = REPO_ROOT / ".env.example"
 README = REPO_ROOT / "README.md"
-DOCKERFILES = sorted((REPO_ROOT / "docker").glob("*.Dockerfile"))
+DOCKER_DIR = REPO_ROOT / "docker"
+DOCKERFILES = sorted([*DOCKER_DIR.glob("*.Dockerfile"), *DOCKER_DIR.glob("examples/*.Dockerfile")])
+WORKER_DOCKERFILES = [DOCKER_DIR / "worker.Dockerfile", DOCKER_DIR / "worker-gpu.Dockerfile"]
+TEAM_EXAMPLE = DOCKER_DIR / "examples" / "team-worker.Dockerfile"
+QUICKSTART = REPO_ROOT / "examples" / "quickstart.py"
 EXPECTED_SERVICES = {
     "redis",
     "postgres",
@@ -47,9 +64,11 @@ EXPECTED_SERVICES = {
     "scheduler",
     "worker-cpu",
     "worker-gpu",
+    "worker-gpu-on-cpu",
     "flower",
 }
-#: Recognisable stand-ins for every variable the compose file needs.
+EXPECTED_WORKER_VM_SERVICES = {"worker-cpu", "worker-gpu"}
+#: Recognisable stand-ins for every variable the central compose file needs.
 SECRETS = {
     "ZW_REDIS_PASSWORD": "redis-pw-1f3a",
     "ZW_POSTGRES_PASSWORD": "postgres-pw-6b2c",
@@ -60,91 +79,81 @@ SECRETS = {
     "ZW_SECRET_KEY": "signing-key-3e5d",
     "FLOWER_BASIC_AUTH": "admin:flower-pw-84b0",
 }
-#: What may be published, all on 127.0.0.1: service -> container port (Flower, and what the
-#: README says host-side clients need).
+#: What a worker VM's .env holds: the shared secrets and where it runs and connects.
+WORKER_VM_VALUES = {
+    **{
+        k: v
+        for k, v in SECRETS.items()
+        if k not in {"ZW_MINIO_ROOT_USER", "ZW_MINIO_ROOT_PASSWORD", "FLOWER_BASIC_AUTH"}
+    },
+    "ZW_CENTRAL_HOST": "zw-central.example.internal",
+    "ZW_WORKER_HOSTNAME": "vm-7",
+}
+#: What may be published, all on 127.0.0.1 by default: service -> container port (Flower, and
+#: what the README says clients and remote workers need).
 PUBLISHED = {"flower": 5555, "redis": 6379, "postgres": 5432, "minio": 9000}
+#: Published on ZW_PUBLISH_ADDRESS when it is set (documentation address: no traffic goes there).
+PUBLISH_ADDRESS = "192.0.2.10"
+#: The settings of README "Encrypted links" that name files; a remote worker takes each.
+TLS_VARIABLES = {
+    "ZW_BROKER_CA_FILE",
+    "ZW_BROKER_CERT_FILE",
+    "ZW_BROKER_KEY_FILE",
+    "ZW_METADATA_CA_FILE",
+    "ZW_METADATA_CERT_FILE",
+    "ZW_METADATA_KEY_FILE",
+    "ZW_S3_CA_BUNDLE",
+}
+TLS_MOUNT = "/etc/zenml-workers/tls"
 ARTIFACT_BUCKET = "zw-artifacts"
 _SECRET_NAME = re.compile(r"PASSWORD|SECRET|_KEY|AUTH|TOKEN")
 _VAR_REF = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?:[:?-][^}]*)?\}")
-_COMPOSE_VAR = re.compile(r"(?<!\$)\$\{?([A-Za-z_][A-Za-z0-9_]*)")
-_URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:(\$\{[^}]*\}|[^@\s/]*)@")
+_URL_PASSWORD = re.compile(r"(?:[a-z][a-z0-9+.-]*|\$\{[^}]*\})://[^/@\s:]*:(\$\{[^}]*\}|[^@\s/]*)@")
 
 
-def _compose(
-    *args: str, env: dict[str, str], env_file: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run docker-compose on COMPOSE_FILE; ``env_file`` replaces a developer's own ``.env``."""
-    binary = require_binary("docker-compose")
-    with tempfile.TemporaryDirectory() as tmp:
-        if env_file is None:
-            env_file = Path(tmp) / "empty.env"
-            env_file.write_text("")
-        return subprocess.run(
-            [binary, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), *args],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+def _env_without(*names: str) -> dict[str, str]:
+    """``os.environ`` less the compose variables, so a developer's shell cannot stand in."""
+    used = set(names).union(*(variables(f) for f in COMPOSE_FILES))
+    return {k: v for k, v in os.environ.items() if k not in used}
 
 
-def _env_without_secrets() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in SECRETS}
+def _compose_values(compose_file: Path) -> dict[str, str]:
+    return dict(SECRETS) if compose_file == COMPOSE_FILE else dict(WORKER_VM_VALUES)
 
 
-def _load_yaml(text: str) -> Any:
-    """Parse YAML with PyYAML, from this interpreter or else from docker-compose's own."""
-    try:
-        import yaml
-    except ImportError:
-        pass
-    else:
-        return yaml.safe_load(text)
-    with open(require_binary("docker-compose"), "rb") as f:
-        shebang = f.readline(300)
-    if not shebang.startswith(b"#!"):
-        service_unavailable("no YAML parser: install PyYAML or a Python docker-compose v1")
-    result = subprocess.run(
-        [
-            *shebang[2:].decode().split(),
-            "-c",
-            "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
-        ],
-        input=text,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return json.loads(result.stdout)
-
-
-def _config(*extra: str) -> dict[str, Any]:
-    result = _compose("config", *extra, env=_env_without_secrets() | SECRETS)
+def _config(compose_file: Path, *extra: str, **values: str) -> dict[str, Any]:
+    env = _env_without() | _compose_values(compose_file) | values
+    result = compose(compose_file, "config", *extra, env=env)
     assert result.returncode == 0, result.stderr
-    config: dict[str, Any] = _load_yaml(result.stdout)
+    config: dict[str, Any] = load_yaml(result.stdout)
     return config
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, Any]:
-    """The compose config with SECRETS interpolated (anchors and merges resolved)."""
-    return _config()
+    """The central compose config with SECRETS interpolated (anchors and merges resolved)."""
+    return _config(COMPOSE_FILE)
+
+
+def _as_written(compose_file: Path) -> dict[str, Any]:
+    """The compose file as written: ``${VAR}`` references kept, YAML anchors and merges resolved.
+
+    (``config --no-interpolate`` would refuse a port or volume that is a ``${VAR}``.)
+    """
+    config: dict[str, Any] = load_yaml(compose_file.read_text())
+    return config
 
 
 @pytest.fixture(scope="module")
 def raw() -> dict[str, Any]:
-    """The compose config as written: ``${VAR}`` references kept."""
-    return _config("--no-interpolate")
+    """The central compose file as written."""
+    return _as_written(COMPOSE_FILE)
 
 
-def _environment(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.partition("=")[::2] for item in env)
-    return {str(k): str(v) for k, v in env.items()}
+@pytest.fixture(scope="module")
+def workers() -> dict[str, Any]:
+    """The workers-only config with a worker VM's values."""
+    return _config(WORKERS_COMPOSE_FILE)
 
 
 def _commands(service: dict[str, Any]) -> str:
@@ -154,39 +163,83 @@ def _commands(service: dict[str, Any]) -> str:
     return json.dumps(parts)
 
 
-def test_docker_compose_config_is_valid() -> None:
-    result = _compose("config", "-q", env=_env_without_secrets() | SECRETS)
+def _published(config: dict[str, Any]) -> dict[str, tuple[str, int, int]]:
+    """service -> (host address, host port, container port) of every published port."""
+    published = {}
+    for name, service in config["services"].items():
+        assert service.get("network_mode") != "host", name
+        for port in service.get("ports", []):
+            if isinstance(port, dict):
+                host_ip = port.get("host_ip", "")
+                host_port, target = int(port["published"]), int(port["target"])
+            else:  # [HOST_IP:][HOST_PORT:]CONTAINER_PORT[/PROTOCOL]
+                parts = str(port).split("/")[0].split(":")
+                host_ip = parts[0] if len(parts) == 3 else ""
+                host_port, target = int(parts[-2] if len(parts) > 1 else parts[-1]), int(parts[-1])
+            assert name not in published, f"{name} publishes more than one port"
+            published[name] = (host_ip, host_port, target)
+    return published
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda p: p.name)
+def test_docker_compose_config_is_valid(compose_file: Path) -> None:
+    env = _env_without() | _compose_values(compose_file)
+    result = compose(compose_file, "config", "-q", env=env)
 
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr, result.stderr
 
 
-def test_docker_compose_defines_every_service() -> None:
-    result = _compose("config", "--services", env=_env_without_secrets() | SECRETS)
+@pytest.mark.parametrize(
+    ("compose_file", "expected"),
+    [(COMPOSE_FILE, EXPECTED_SERVICES), (WORKERS_COMPOSE_FILE, EXPECTED_WORKER_VM_SERVICES)],
+    ids=lambda v: v.name if isinstance(v, Path) else "",
+)
+def test_docker_compose_defines_every_service(compose_file: Path, expected: set[str]) -> None:
+    env = _env_without() | _compose_values(compose_file)
+    result = compose(compose_file, "config", "--services", env=env)
 
     assert result.returncode == 0, result.stderr
-    assert set(result.stdout.split()) == EXPECTED_SERVICES
+    assert set(result.stdout.split()) == expected
 
 
-@pytest.mark.parametrize("missing", sorted(SECRETS))
-def test_docker_compose_requires_each_secret(missing: str) -> None:
-    env = _env_without_secrets() | {k: v for k, v in SECRETS.items() if k != missing}
+@pytest.mark.parametrize(
+    ("compose_file", "missing"),
+    [
+        *((COMPOSE_FILE, name) for name in sorted(SECRETS)),
+        *(
+            (WORKERS_COMPOSE_FILE, name)
+            for name in sorted(required_variables(WORKERS_COMPOSE_FILE))
+        ),
+    ],
+    ids=lambda v: v.name if isinstance(v, Path) else v,
+)
+def test_docker_compose_requires_each_secret(compose_file: Path, missing: str) -> None:
+    values = {k: v for k, v in _compose_values(compose_file).items() if k != missing}
 
-    result = _compose("config", "-q", env=env)
+    result = compose(compose_file, "config", "-q", env=_env_without() | values)
 
     assert result.returncode != 0
     assert missing in result.stderr
 
 
-def test_env_example_is_all_docker_compose_needs() -> None:
-    result = _compose("config", "-q", env=_env_without_secrets(), env_file=ENV_EXAMPLE)
+def test_workers_compose_requires_the_secrets_and_where_to_connect() -> None:
+    required = required_variables(WORKERS_COMPOSE_FILE)
+
+    assert required == set(WORKER_VM_VALUES)
+    assert not required & {"ZW_MINIO_ROOT_USER", "ZW_MINIO_ROOT_PASSWORD", "FLOWER_BASIC_AUTH"}
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda p: p.name)
+def test_env_example_is_all_docker_compose_needs(compose_file: Path) -> None:
+    result = compose(compose_file, "config", "-q", env=_env_without(), env_file=ENV_EXAMPLE)
 
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr, result.stderr
 
 
 def test_env_example_names_every_compose_variable_with_a_comment() -> None:
-    used = set(_COMPOSE_VAR.findall(COMPOSE_FILE.read_text()))
+    used = variables(COMPOSE_FILE) | variables(WORKERS_COMPOSE_FILE)
     lines = ENV_EXAMPLE.read_text().splitlines()
     listed = {}
     for i, line in enumerate(lines):
@@ -197,26 +250,37 @@ def test_env_example_names_every_compose_variable_with_a_comment() -> None:
     assert used == set(listed), f"missing: {used - set(listed)}, unused: {set(listed) - used}"
     assert "cp .env.example .env" in ENV_EXAMPLE.read_text()
     for name, value in listed.items():
-        if _SECRET_NAME.search(name) and not name.endswith("_ID"):  # an access key id names a user
+        # An access key id names a user; a *_FILE setting names a path, not the secret itself.
+        if _SECRET_NAME.search(name) and not name.endswith(("_ID", "_FILE")):
             assert "change-me" in value, f"{name} in .env.example is not a placeholder"
+    assert listed["ZW_PUBLISH_ADDRESS"] == "127.0.0.1"
 
 
 def test_docker_compose_publishes_only_flower_and_client_ports_on_loopback(
     rendered: dict[str, Any],
 ) -> None:
-    published = {}
-    for name, service in rendered["services"].items():
-        assert service.get("network_mode") != "host", name
-        for port in service.get("ports", []):
-            if isinstance(port, dict):
-                host_ip, target = port.get("host_ip", ""), int(port["target"])
-            else:  # [HOST_IP:][HOST_PORT:]CONTAINER_PORT[/PROTOCOL]
-                parts = str(port).split("/")[0].split(":")
-                host_ip, target = (parts[0] if len(parts) == 3 else ""), int(parts[-1])
-            assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond this host"
-            published[name] = target
+    published = _published(rendered)
 
-    assert published == PUBLISHED
+    assert {name: target for name, (_, _, target) in published.items()} == PUBLISHED
+    assert {ip for ip, _, _ in published.values()} == {"127.0.0.1"}
+    assert all(host_port == target for _, host_port, target in published.values())
+
+
+def test_docker_compose_publishes_the_client_ports_on_the_chosen_address() -> None:
+    config = _config(
+        COMPOSE_FILE,
+        ZW_PUBLISH_ADDRESS=PUBLISH_ADDRESS,
+        ZW_REDIS_PORT="16379",
+        ZW_POSTGRES_PORT="15432",
+        ZW_S3_PORT="19000",
+    )
+
+    assert _published(config) == {
+        "flower": ("127.0.0.1", 5555, 5555),  # basic auth over plain HTTP: never wider
+        "redis": (PUBLISH_ADDRESS, 16379, 6379),
+        "postgres": (PUBLISH_ADDRESS, 15432, 5432),
+        "minio": (PUBLISH_ADDRESS, 19000, 9000),
+    }
 
 
 def test_readme_names_the_published_client_ports() -> None:
@@ -227,33 +291,40 @@ def test_readme_names_the_published_client_ports() -> None:
     assert ".env.example" in paragraph
     for port in PUBLISHED.values():
         assert f"127.0.0.1:{port}" in paragraph, f"the README does not name port {port}"
+    for name in ("ZW_PUBLISH_ADDRESS", "docker-compose.workers.yml", "ZW_CENTRAL_HOST"):
+        assert name in paragraph, f"the README does not say how workers on other VMs join ({name})"
+    for name in ("TEAM_REQUIREMENTS", "TEAM_CODE", "EXTRAS", TEAM_EXAMPLE.name):
+        assert name in paragraph, f"the README does not say how a team builds its image ({name})"
 
 
 def test_redis_requires_its_password_everywhere(
-    raw: dict[str, Any], rendered: dict[str, Any]
+    raw: dict[str, Any], rendered: dict[str, Any], workers: dict[str, Any]
 ) -> None:
     redis = raw["services"]["redis"]
     password = SECRETS["ZW_REDIS_PASSWORD"]
 
     assert re.search(r'--requirepass "?\$\$ZW_REDIS_PASSWORD', " ".join(redis["command"]))
     assert "REDISCLI_AUTH" in json.dumps(redis["healthcheck"]["test"])
-    assert _environment(rendered["services"]["redis"])["ZW_REDIS_PASSWORD"] == password
+    assert service_environment(rendered["services"]["redis"])["ZW_REDIS_PASSWORD"] == password
     urls = [
-        _environment(service)["ZW_BROKER_URL"]
+        service_environment(service)["ZW_BROKER_URL"]
         for name, service in rendered["services"].items()
         if name not in {"redis", "postgres", "minio", "minio-init"}
     ]
     assert urls and set(urls) == {f"redis://:{password}@redis:6379/0"}
+    remote = {service_environment(s)["ZW_BROKER_URL"] for s in workers["services"].values()}
+    assert remote == {f"redis://:{password}@{WORKER_VM_VALUES['ZW_CENTRAL_HOST']}:6379/0"}
 
 
-def test_docker_compose_has_no_literal_secret(
-    raw: dict[str, Any], rendered: dict[str, Any]
-) -> None:
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda p: p.name)
+def test_docker_compose_has_no_literal_secret(compose_file: Path) -> None:
+    raw = _as_written(compose_file)
+    rendered = _config(compose_file)
     for name, service in raw["services"].items():
-        for key, value in _environment(service).items():
+        for key, value in service_environment(service).items():
             if _SECRET_NAME.search(key):
                 assert _VAR_REF.fullmatch(value), f"{name}: {key} is not a ${{VAR}} reference"
-    url_passwords = _URL_PASSWORD.findall(COMPOSE_FILE.read_text())
+    url_passwords = _URL_PASSWORD.findall(compose_file.read_text())
     assert len(url_passwords) >= 2  # the broker and the metadata URLs at least
     for password in url_passwords:
         assert _VAR_REF.fullmatch(password), f"a URL holds the literal password {password!r}"
@@ -268,14 +339,16 @@ def test_docker_compose_has_no_literal_secret(
 def test_flower_gets_only_the_broker_and_its_log_in(rendered: dict[str, Any]) -> None:
     flower = rendered["services"]["flower"]
 
-    assert set(_environment(flower)) == {"ZW_BROKER_URL", "FLOWER_BASIC_AUTH"}
+    assert set(service_environment(flower)) == {"ZW_BROKER_URL", "FLOWER_BASIC_AUTH"}
     dumped = json.dumps(flower)
     others = [k for k, v in SECRETS.items() if v in dumped]
     assert sorted(others) == ["FLOWER_BASIC_AUTH", "ZW_REDIS_PASSWORD"]
     assert flower["entrypoint"][:2] == ["zw", "flower"]  # which refuses to start without a log-in
 
 
-def test_minio_root_credentials_stay_in_minio(rendered: dict[str, Any]) -> None:
+def test_minio_root_credentials_stay_in_minio(
+    rendered: dict[str, Any], workers: dict[str, Any]
+) -> None:
     root = {SECRETS["ZW_MINIO_ROOT_USER"], SECRETS["ZW_MINIO_ROOT_PASSWORD"]}
     holders = {
         name
@@ -284,9 +357,11 @@ def test_minio_root_credentials_stay_in_minio(rendered: dict[str, Any]) -> None:
     }
 
     assert holders == {"minio", "minio-init"}
-    worker_env = _environment(rendered["services"]["worker-cpu"])
-    assert worker_env["ZW_S3_ACCESS_KEY_ID"] == SECRETS["ZW_S3_ACCESS_KEY_ID"]
-    assert worker_env["ZW_ARTIFACT_URI"].startswith(f"s3://{ARTIFACT_BUCKET}/")
+    assert not variables(WORKERS_COMPOSE_FILE) & {"ZW_MINIO_ROOT_USER", "ZW_MINIO_ROOT_PASSWORD"}
+    for service in (rendered["services"]["worker-cpu"], *workers["services"].values()):
+        worker_env = service_environment(service)
+        assert worker_env["ZW_S3_ACCESS_KEY_ID"] == SECRETS["ZW_S3_ACCESS_KEY_ID"]
+        assert worker_env["ZW_ARTIFACT_URI"].startswith(f"s3://{ARTIFACT_BUCKET}/")
 
 
 def test_minio_init_creates_a_user_allowed_only_the_artifact_bucket(
@@ -306,10 +381,90 @@ def test_minio_init_creates_a_user_allowed_only_the_artifact_bucket(
         assert all(a.startswith("s3:") and "*" not in a for a in statement["Action"])
 
 
+# -- workers on other VMs (docker-compose.workers.yml) ----------------------------------------
+
+
+def test_remote_workers_get_what_central_workers_get_plus_tls_and_nothing_else(
+    rendered: dict[str, Any], workers: dict[str, Any]
+) -> None:
+    central = service_environment(rendered["services"]["worker-cpu"])
+    for name, service in workers["services"].items():
+        remote = service_environment(service)
+
+        assert set(remote) == set(central) | TLS_VARIABLES, name
+        for key in (
+            "ZW_ARTIFACT_URI",
+            "ZW_S3_ACCESS_KEY_ID",
+            "ZW_S3_SECRET_ACCESS_KEY",
+            "ZW_SECRET_KEY",
+        ):
+            assert remote[key] == central[key], (name, key)
+        assert {remote[k] for k in TLS_VARIABLES} == {""}, "TLS files are opt-in"
+        central_host = WORKER_VM_VALUES["ZW_CENTRAL_HOST"]
+        assert f"@{central_host}:5432/" in remote["ZW_METADATA_URL"]
+        assert remote["ZW_S3_ENDPOINT_URL"] == f"http://{central_host}:9000"
+
+
+def test_remote_workers_listen_nowhere_and_depend_on_no_local_service(
+    workers: dict[str, Any],
+) -> None:
+    assert _published(workers) == {}
+    for name, service in workers["services"].items():
+        assert "depends_on" not in service, name
+        assert "build" not in service, f"{name}: a VM runs the team's image, it builds nothing"
+        assert service["hostname"] == WORKER_VM_VALUES["ZW_WORKER_HOSTNAME"]
+        assert service["restart"] == "unless-stopped"
+
+
+def test_remote_workers_mount_tls_files_read_only_and_take_their_paths() -> None:
+    paths = {name: f"{TLS_MOUNT}/{name.lower()}.pem" for name in TLS_VARIABLES}
+    config = _config(
+        WORKERS_COMPOSE_FILE,
+        ZW_TLS_DIR="/srv/zw-tls",
+        ZW_BROKER_SCHEME="rediss",
+        ZW_S3_SCHEME="https",
+        ZW_REDIS_PORT="6380",
+        **paths,
+    )
+
+    for name, service in config["services"].items():
+        assert f"/srv/zw-tls:{TLS_MOUNT}:ro" in service["volumes"], name
+        env = service_environment(service)
+        assert {k: env[k] for k in TLS_VARIABLES} == paths
+        assert env["ZW_BROKER_URL"].startswith("rediss://:")
+        assert env["ZW_BROKER_URL"].endswith(":6380/0")
+        assert env["ZW_S3_ENDPOINT_URL"].startswith("https://")
+
+
+def test_remote_gpu_worker_reserves_an_nvidia_gpu_and_the_cpu_worker_none(
+    workers: dict[str, Any],
+) -> None:
+    gpu, cpu = workers["services"]["worker-gpu"], workers["services"]["worker-cpu"]
+
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert gpu["profiles"] == ["gpu"]
+    assert "deploy" not in cpu and "profiles" not in cpu
+    assert cpu["command"][:2] == ["--queues", "cpu"] and gpu["command"][:2] == ["--queues", "gpu"]
+
+
+def test_remote_worker_images_default_to_the_images_docker_compose_builds(
+    rendered: dict[str, Any], workers: dict[str, Any]
+) -> None:
+    for name in ("worker-cpu", "worker-gpu"):
+        assert workers["services"][name]["image"] == rendered["services"][name]["image"]
+    team = _config(WORKERS_COMPOSE_FILE, ZW_WORKER_IMAGE="registry.example.com/ml/zw-worker:3")
+    assert team["services"]["worker-cpu"]["image"] == "registry.example.com/ml/zw-worker:3"
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
 def test_dockerfiles_pass_hadolint() -> None:
     binary = require_binary("hadolint")
     names = {path.name for path in DOCKERFILES}
     assert {"worker.Dockerfile", "worker-gpu.Dockerfile", "scheduler.Dockerfile"} <= names
+    assert TEAM_EXAMPLE in DOCKERFILES
 
     result = subprocess.run(
         [binary, "--no-color", *map(str, DOCKERFILES)],
@@ -340,6 +495,133 @@ def test_dockerfile_bakes_in_no_credential(dockerfile: Path) -> None:
         if line.split(None, 1)[:1] in (["ENV"], ["ARG"]):
             assert not _SECRET_NAME.search(line), f"{dockerfile.name}: {line}"
         assert not _URL_PASSWORD.search(line), f"{dockerfile.name}: {line}"
+
+
+def test_dockerignore_keeps_secrets_and_keys_out_of_build_contexts() -> None:
+    patterns = {
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+
+    assert {".env", ".env.*", "tls", "**/*.key", "**/*.pem", ".git", ".venv"} <= patterns
+    assert not any(p.startswith("!") for p in patterns), "an exception lets a secret back in"
+
+
+def _instructions(dockerfile: Path, keyword: str) -> list[str]:
+    """Arguments of each ``keyword`` instruction, continuation lines joined."""
+    lines = dockerfile.read_text().replace("\\\n", " ").splitlines()
+    return [line.split(None, 1)[1] for line in lines if line.split(None, 1)[:1] == [keyword]]
+
+
+def _args(dockerfile: Path) -> dict[str, str]:
+    return dict(arg.partition("=")[::2] for arg in _instructions(dockerfile, "ARG"))
+
+
+def _quickstart_extras() -> set[str]:
+    """The extras of pyproject.toml that provide the quickstart's third-party imports."""
+    tree = ast.parse(QUICKSTART.read_text())
+    modules = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+    }
+    third_party = modules - set(sys.stdlib_module_names) - {"zenml_workers", "__future__"}
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    providing = {
+        module: {
+            extra
+            for extra, requirements in extras.items()
+            if any(re.match(rf"{module}\b", r) for r in requirements)
+        }
+        for module in third_party
+    }
+    missing = [module for module, found in providing.items() if not found]
+    assert not missing, f"no extra of pyproject.toml provides {missing}"
+    return {min(found) for found in providing.values()}
+
+
+@pytest.mark.parametrize("dockerfile", WORKER_DOCKERFILES, ids=lambda p: p.name)
+def test_worker_image_installs_what_the_quickstart_imports(dockerfile: Path) -> None:
+    needed = _quickstart_extras()
+    extras = set(_args(dockerfile)["EXTRAS"].split(","))
+
+    assert {"numpy", "pandas"} <= needed  # the parse found the quickstart's imports
+    assert needed | {"postgres"} <= extras
+    (install,) = [r for r in _instructions(dockerfile, "RUN") if "pip install" in r]
+    assert '".[${EXTRAS}]"' in install and "-r /opt/zw-team-requirements.txt" in install
+    assert "pip check" in install
+
+
+@pytest.mark.parametrize("dockerfile", WORKER_DOCKERFILES, ids=lambda p: p.name)
+def test_worker_image_takes_the_teams_requirements_and_code(dockerfile: Path) -> None:
+    args = _args(dockerfile)
+    copies = _instructions(dockerfile, "COPY")
+
+    assert (REPO_ROOT / args["TEAM_REQUIREMENTS"]).is_file()
+    assert (REPO_ROOT / args["TEAM_CODE"]).is_dir()
+    assert "${TEAM_REQUIREMENTS} /opt/zw-team-requirements.txt" in copies
+    assert copies[-1] == "${TEAM_CODE} /opt/zw-team/"  # last: code changes need no reinstall
+    assert "PYTHONPATH=/opt/zw-team" in " ".join(_instructions(dockerfile, "ENV"))
+
+
+def _node_prefix(argv: list[str]) -> str:
+    """``cpu`` of ``--hostname cpu@%h`` in a worker's arguments."""
+    return argv[argv.index("--hostname") + 1].partition("@")[0]
+
+
+@pytest.mark.parametrize("dockerfile", WORKER_DOCKERFILES, ids=lambda p: p.name)
+def test_worker_image_runs_zw_worker_and_checks_its_own_node(dockerfile: Path) -> None:
+    (entrypoint,) = _instructions(dockerfile, "ENTRYPOINT")
+    (cmd,) = _instructions(dockerfile, "CMD")
+    (healthcheck,) = _instructions(dockerfile, "HEALTHCHECK")
+
+    assert json.loads(entrypoint) == ["zw", "worker"]
+    prefix = _node_prefix(json.loads(cmd))
+    assert f"-d {prefix}@$HOSTNAME" in healthcheck
+
+
+def test_worker_services_name_the_node_their_health_check_pings(
+    rendered: dict[str, Any], workers: dict[str, Any]
+) -> None:
+    """A service's --hostname prefix is the one its image's (or its own) health check pings."""
+    images = {
+        "zenml-workers-worker:0.1.0": DOCKER_DIR / "worker.Dockerfile",
+        "zenml-workers-worker-gpu:0.1.0": DOCKER_DIR / "worker-gpu.Dockerfile",
+    }
+    services = [
+        *((n, s) for n, s in rendered["services"].items() if n.startswith("worker-")),
+        *workers["services"].items(),
+    ]
+    for name, service in services:
+        if "command" in service:
+            prefix = _node_prefix(service["command"])
+        else:
+            (cmd,) = _instructions(images[service["image"]], "CMD")
+            prefix = _node_prefix(json.loads(cmd))
+        if "healthcheck" in service:  # compose writes a literal $ as $$
+            check = json.dumps(service["healthcheck"]["test"]).replace("$$", "$")
+        else:
+            (check,) = _instructions(images[service["image"]], "HEALTHCHECK")
+        assert f"-d {prefix}@$HOSTNAME" in check, name
+
+
+def test_team_example_builds_on_the_worker_image() -> None:
+    (base,) = _instructions(TEAM_EXAMPLE, "FROM")
+    text = TEAM_EXAMPLE.read_text()
+
+    assert base == "zenml-workers-worker:0.1.0"
+    assert "docker build -f docker/worker.Dockerfile -t zenml-workers-worker:0.1.0 ." in text
+    assert "/opt/zw-team/" in " ".join(_instructions(TEAM_EXAMPLE, "COPY"))
+    assert "pip check" in " ".join(_instructions(TEAM_EXAMPLE, "RUN"))
+    assert not _instructions(TEAM_EXAMPLE, "ENTRYPOINT"), "the base image's entrypoint stays"
 
 
 # -- zw flower ---------------------------------------------------------------------------------

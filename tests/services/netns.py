@@ -7,6 +7,12 @@ namespace side ``10.213.<index>.2``. The namespace has its own network stack and
 else: it shares the filesystem and, unless :meth:`NetworkHost.argv_in` sets one, the PIDs.
 It has no default route, so nothing is routed beyond these links.
 
+Several hosts each get their own link. To give them one "central host" address, bind the
+services on the first host's ``service_address`` (and on the others', which PostgreSQL needs
+to trust their subnets) and :meth:`NetworkHost.add_route` that address on the others: each
+host's traffic then stays on its own link. :meth:`NetworkHost.tcp_peers` and
+:meth:`NetworkHost.routes` show where a namespace's connections go and what it can reach.
+
 :meth:`NetworkHost.partition` takes the host side of the link down: packets are dropped in
 both directions and TCP connections stall, nothing is reset. A ``blackhole`` route
 (``proto 213``) for the link's subnet, below the link's own route, keeps the host from
@@ -337,6 +343,31 @@ class NetworkHost:
     def exists(self) -> bool:
         """Return True while its namespace exists."""
         return self.namespace in _namespaces()
+
+    def routes(self) -> list[str]:
+        """The namespace's IPv4 routes, one ``ip route`` line each.
+
+        Raises:
+            NetworkError: when ``ip route`` fails (the namespace is gone).
+        """
+        shown = _ip("-n", self.namespace, "-4", "route", "show")
+        return [line.strip() for line in shown.stdout.splitlines() if line.strip()]
+
+    def tcp_peers(self) -> set[str]:
+        """Remote addresses of the namespace's established TCP connections (``ss``).
+
+        Raises:
+            NetworkError: when ``ss`` fails inside the namespace.
+        """
+        shown = _ip(
+            "netns", "exec", self.namespace, _tool("ss"), "-H", "-t", "-n", "state", "established"
+        )
+        peers = set()
+        for line in shown.stdout.splitlines():
+            fields = line.split()
+            if len(fields) >= 4:  # Recv-Q Send-Q Local:Port Peer:Port
+                peers.add(fields[3].rsplit(":", 1)[0].strip("[]"))
+        return peers
 
     def destroy(self) -> None:
         """Kill what still runs in the namespace, delete the veth pair, route and namespace.

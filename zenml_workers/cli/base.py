@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +21,12 @@ def when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def quiet_libraries() -> None:
+    """Keep libraries' chatter out of our commands' logs: Alembic says at INFO which
+    migrations it runs each time a process opens the metadata store."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 @click.group()
 @click.option(
     "--stack-file", envvar="ZW_STACK_FILE", default=None, help="TOML stack file (ZW_STACK_FILE)."
@@ -27,5 +34,6 @@ def when(ts: float | None) -> str:
 @click.pass_context
 def cli(ctx: click.Context, stack_file: str | None) -> None:
     """zenml-workers: ZenML-style pipelines on Celery workers."""
+    quiet_libraries()
     ctx.ensure_object(dict)
     ctx.obj["stack_file"] = stack_file

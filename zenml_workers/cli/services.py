@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -85,7 +86,11 @@ def worker(
         "--without-mingle",
         f"--loglevel={loglevel}",
     ]
-    if concurrency is not None and pool != "solo":
+    if pool == "solo":
+        # A solo worker runs one step at a time; without -c its banner (and its reported
+        # slots) would say Celery's default, the number of CPUs.
+        argv += ["-c", "1"]
+    elif concurrency is not None:
         argv += ["-c", str(concurrency)]
     if hostname:
         argv += ["-n", hostname]
@@ -133,8 +138,30 @@ def _supervise_gpu_workers(
     help="Seconds between recovery passes (ZW_SCHEDULER_INTERVAL_S).",
 )
 @click.option("--once", is_flag=True, help="Run one recovery pass and exit.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=1, max=65535),
+    default=None,
+    envvar="ZW_METRICS_PORT",
+    help="Serve Prometheus metrics (queue demand, wanted workers, run and step totals, "
+    "recovery events) on this port at /metrics (ZW_METRICS_PORT); off by default.",
+)
+@click.option(
+    "--metrics-address",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="ZW_METRICS_ADDRESS",
+    help="Address the metrics endpoint listens on (ZW_METRICS_ADDRESS); 0.0.0.0 for a "
+    "Prometheus on another machine.",
+)
 @click.pass_context
-def scheduler(ctx: click.Context, interval: float, once: bool) -> None:
+def scheduler(
+    ctx: click.Context,
+    interval: float,
+    once: bool,
+    metrics_port: int | None,
+    metrics_address: str,
+) -> None:
     """Run the scheduler service: recover lost steps, flag runs waiting on dead queues."""
     import logging
 
@@ -172,10 +199,41 @@ def scheduler(ctx: click.Context, interval: float, once: bool) -> None:
     if once:
         click.echo(f"sent {len(service.run_once())} step task(s)")
         return
+    if metrics_port is not None:
+        _serve_scheduler_metrics(settings, metadata, service, metrics_port, metrics_address)
     try:
         service.serve_forever()
     except KeyboardInterrupt:
         service.stop()
+
+
+def _serve_scheduler_metrics(
+    settings: Any, metadata: Any, service: Any, port: int, address: str
+) -> None:
+    """Start the scheduler's Prometheus endpoint, or exit with the sentence naming the port."""
+    import logging
+    import time
+
+    from scheduler.metrics import BrokerLengths, SchedulerCollector, serve_metrics
+
+    collector = SchedulerCollector(
+        metadata,
+        queues=settings.queues,
+        worker_ttl_s=settings.worker_ttl_s,
+        broker_lengths=BrokerLengths(settings.reveal_broker_url(), settings.broker_ssl_options()),
+        recovery=service.events,
+        clock=time.time,
+    )
+    try:
+        serve_metrics(collector, port=port, address=address)
+    except OSError as e:
+        raise click.UsageError(
+            f"the scheduler cannot serve metrics on {address}:{port} ({e.strerror or e}); "
+            "pick a free --metrics-port (ZW_METRICS_PORT) or stop what listens there"
+        ) from e
+    logging.getLogger("zenml_workers.scheduler").info(
+        "metrics on http://%s:%d/metrics", address, port
+    )
 
 
 #: Addresses ``zw flower --unauthenticated`` may listen on: this machine only.

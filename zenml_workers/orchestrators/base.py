@@ -38,6 +38,11 @@ class Orchestrator(ABC):
         """True when this orchestrator knows none of the run's steps is still in flight."""
         return False
 
+    def refusal(self, run_id: str) -> str | None:
+        """Why a worker refused one of the run's steps, as it said (e.g. planned in another
+        metadata store), or None when none did."""
+        return None
+
     def settle_idle(self, run_id: str) -> None:  # noqa: B027 - optional hook
         """Close a run that is idle here but still open in SQL (its last tasks were dropped)."""
 

@@ -28,6 +28,8 @@ class CeleryOrchestrator(Orchestrator):
         self.app = create_app(settings)
         self.events = RunEvents(settings.reveal_broker_url(), settings.broker_ssl_options())
         self._subs: dict[str, Any] = {}
+        #: The first refusal a worker published for each run (see ``RunEvents.publish_refused``).
+        self._refusals: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def _subscribe_once(self, run_id: str) -> Any:
@@ -60,8 +62,13 @@ class CeleryOrchestrator(Orchestrator):
             threading.Event().wait(timeout_s)
             return True
         try:
-            # Workers publish only when a step queued nothing: the run may have ended.
-            return sub.get_message(timeout=timeout_s) is not None
+            # Workers publish only when a step queued nothing (the run may have ended) or
+            # when they refused a step (wait() shows why).
+            message = sub.get_message(timeout=timeout_s)
+            why = self.events.refusal(message)
+            if why is not None:
+                self._refusals.setdefault(run_id, why)
+            return message is not None
         except broker_errors():
             # The broker went away mid-wait: drop the subscription (a new one is made when it
             # is back) and let the caller read the run from SQL.
@@ -69,14 +76,21 @@ class CeleryOrchestrator(Orchestrator):
             threading.Event().wait(timeout_s)
             return True
 
+    def refusal(self, run_id: str) -> str | None:
+        return self._refusals.get(run_id)
+
     def forget(self, run_id: str) -> None:
         with self._lock:
             sub = self._subs.pop(run_id, None)
+            self._refusals.pop(run_id, None)
         if sub is not None:
             with contextlib.suppress(*broker_errors()):
                 sub.close()
 
     def revoke(self, queued: Sequence[str], running: Sequence[str]) -> None:
+        # ``cancel_run`` marked the steps cancelled in SQL first. A prefork worker terminates
+        # a running step's pool process on this revoke; a solo worker cannot read it while its
+        # step runs, so its step host sees the row turn cancelled and stops the step itself.
         if queued:
             self.app.control.revoke(queued)
         if running:

@@ -21,7 +21,7 @@ class LocalOrchestrator(Orchestrator):
 
     def __init__(self, settings: Settings, metadata: MetadataStore) -> None:
         super().__init__(settings, metadata)
-        self.pool = LocalPool(settings)
+        self.pool = LocalPool(settings, metadata)
         self._trackers: dict[str, RunTracker] = {}
 
     def _tracker(self, run_id: str) -> RunTracker:
@@ -40,7 +40,8 @@ class LocalOrchestrator(Orchestrator):
         if not tracker.done.wait(timeout_s):
             return False
         if tracker.error is not None:
-            # A worker process died or could not record the step: nothing else will finish the run.
+            # A step's error escaped its worker process (e.g. the database stayed away for the
+            # whole retry budget), so nothing recorded it: nothing else will finish the run.
             now = time.time()
             with self.metadata.transaction() as s:
                 fail_run(s, run_id, f"the run stopped: {tracker.error}", now=now)
@@ -73,9 +74,10 @@ class LocalOrchestrator(Orchestrator):
         self.pool.forget(run_id)
 
     def revoke(self, queued: Sequence[str], running: Sequence[str]) -> None:
-        # Queued pool items find their run cancelled when they try to claim and
-        # drop themselves; running ones finish, and their commit is refused.
-        return None
+        # Queued pool items find their run cancelled when they try to claim and drop
+        # themselves; the pool reads the running ones' rows now and stops them.
+        if running:
+            self.pool.look_now()
 
     def close(self) -> None:
         self.pool.shutdown()

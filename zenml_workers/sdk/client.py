@@ -7,16 +7,20 @@ their artifacts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from scheduler.specs import PipelineSpec
 from zenml_workers.errors import ArtifactIntegrityError, NotFoundError
+from zenml_workers.sdk.resources import RunCost, StepCost, UsageRow
 from zenml_workers.sdk.stack import Stack, get_stack
 
 if TYPE_CHECKING:
+    from datetime import datetime, timedelta
+
     from zenml_workers.settings import Settings
 
 
@@ -98,12 +102,23 @@ class StepRunView:
     ended_at: float | None
     cache_key: str | None
     cached_from_run_id: str | None
-    logs: str
     exception: str
     traceback: str
     outputs: Mapping[str, ArtifactView]
     inputs: Mapping[str, ArtifactView | list[ArtifactView]]
     metadata: Mapping[str, Any]
+    #: What it cost (CPU-, GPU- and wall-seconds, its GPUs) or, for a cache hit, saved.
+    cost: StepCost = field(default_factory=StepCost)
+    _stored_logs: str = field(default="", repr=False, compare=False)
+    _client: Client | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def logs(self) -> str:
+        """Captured stdout, stderr and logging of its latest attempt, as stored when first read
+        (a running step's lines arrive about every half second; see :meth:`Client.logs`)."""
+        if self._client is None:
+            return self._stored_logs
+        return self._client._text_of(self.id, None)
 
     @property
     def output(self) -> ArtifactView:
@@ -150,6 +165,22 @@ class RunView:
     @property
     def duration_s(self) -> float | None:
         return None if self.ended_at is None else self.ended_at - self.created_at
+
+    def __repr__(self) -> str:
+        # One line, not every step, artifact and package (what a notebook cell would show).
+        from zenml_workers.sdk.progress import run_summary
+
+        return run_summary(self)
+
+    def _repr_html_(self) -> str:
+        from zenml_workers.sdk.progress import run_summary_html
+
+        return run_summary_html(self)
+
+    @property
+    def cost(self) -> RunCost:
+        """What its steps cost, failed attempts included, and what its cache hits saved."""
+        return RunCost.of(st.cost for st in self.steps.values())
 
 
 @dataclass(frozen=True)
@@ -212,6 +243,7 @@ class Client:
         from sqlalchemy import select
 
         from stores.metadata import queries as q
+        from stores.metadata import usage
         from stores.metadata.models import RunRow
 
         with self._stack.metadata.read() as s:
@@ -228,6 +260,9 @@ class Client:
             steps = conn.execute(
                 select(q.STEPS).where(q.STEPS.c.run_id == row.id).order_by(q.STEPS.c.position)
             ).all()
+            originals = usage.records_of(
+                s, [st.cached_from_step_run_id for st in steps if st.cached_from_step_run_id]
+            )
             edges = conn.execute(
                 select(
                     q.LINEAGE.c.step_run_id.label("l_step_run_id"),
@@ -270,7 +305,8 @@ class Client:
                 ended_at=st.ended_at,
                 cache_key=st.cache_key,
                 cached_from_run_id=st.cached_from_run_id,
-                logs=st.logs or "",
+                _stored_logs=st.logs or "",
+                _client=self,
                 exception=st.exception or "",
                 traceback=st.traceback or "",
                 outputs=MappingProxyType(
@@ -278,6 +314,10 @@ class Client:
                 ),
                 inputs=MappingProxyType(inputs.get(st.id, {})),
                 metadata=MappingProxyType(dict(st.step_metadata or {})),
+                cost=StepCost.from_records(
+                    usage.UsageRecord.of(st.step_metadata),
+                    originals.get(st.cached_from_step_run_id or ""),
+                ),
             )
             for st in steps
         }
@@ -296,24 +336,132 @@ class Client:
             steps=MappingProxyType(step_views),
         )
 
+    def usage(
+        self,
+        since: str | timedelta | datetime = "7d",
+        by: str = "user",
+        *,
+        now: float | None = None,
+    ) -> list[UsageRow]:
+        """CPU-, GPU- and wall-seconds spent, and saved by cache hits, per user, pipeline or run.
+
+        Args:
+            since: the period: ``"30m"``, ``"12h"``, ``"7d"`` (units s, m, h, d, w) or a
+                ``timedelta`` back from ``now``, or a ``datetime`` (naive means UTC). A step run
+                counts when it ended in the period (or started in it and has not ended).
+            by: ``"user"``, ``"pipeline"`` or ``"run"``.
+            now: the end of the period, epoch seconds (default: the clock).
+
+        Returns:
+            One :class:`UsageRow` per group, the most GPU-seconds first (then CPU-seconds).
+
+        Raises:
+            ValueError: ``since`` or ``by`` is not understood.
+        """
+        import time
+
+        from stores.metadata import usage
+
+        start = _period_start(since, time.time() if now is None else now)
+        with self._stack.metadata.read() as s:
+            totals = usage.usage_by(s, by=by, since=start)
+        return [UsageRow.from_totals(t) for t in totals]
+
     def get_artifact(self, artifact_id: str) -> ArtifactView:
         from stores.metadata import queries as q
 
         with self._stack.metadata.read() as s:
             return self._artifact_view(q.get_artifact(s, artifact_id))
 
-    def logs(self, run_id: str, step: str) -> str:
-        """Captured stdout, stderr and logging of a step run.
+    def logs(self, run_id: str, step: str, *, attempt: int | None = None) -> str:
+        """Captured stdout, stderr and logging of a step's latest attempt (or of ``attempt``),
+        as stored so far: a running step's lines arrive about every half second.
 
         Raises:
             NotFoundError: no such run, or the run has no step with that invocation id.
         """
+        return self._text_of(self._step_run_id(run_id, step), attempt)
+
+    def log_lines(
+        self, run_id: str, step: str, *, attempt: int | None = None, after_seq: int = -1
+    ) -> list[LogLineView]:
+        """The stored lines of a step's latest attempt (or of ``attempt``) after ``after_seq``,
+        each with its stream and time. Text kept with the step's record (the whole output of
+        a step run before live logs existed) comes last, with stream ``""``.
+
+        Raises:
+            NotFoundError: no such run, or the run has no step with that invocation id.
+        """
+        from stores.metadata import logs as slogs
+
+        step_run_id = self._step_run_id(run_id, step)
+        with self._stack.metadata.read() as s:
+            st = slogs.state(s, step_run_id)
+            number = st.attempt if attempt is None else attempt
+            lines = slogs.read(s, step_run_id, number, after_seq=after_seq)
+        views = _log_views(number, lines, after_seq)
+        stored = st.stored_text_of(number)
+        if stored:
+            views.append(LogLineView(number, -1, "", None, stored))
+        return views
+
+    def follow_logs(
+        self, run_id: str, step: str, *, attempt: int | None = None, poll_s: float = 0.25
+    ) -> Iterator[LogLineView]:
+        """Lines of a step as they are stored, until it ends: what exists first, then new lines
+        as they arrive (polling every ``poll_s`` seconds). Follows the latest attempt and
+        moves on to the next one when the step is retried; with ``attempt``, ends with that
+        attempt. A step that has ended gives what it stored and stops at once.
+
+        Raises:
+            NotFoundError: no such run, or the run has no step with that invocation id.
+        """
+        import time
+
+        from stores.metadata import logs as slogs
+
+        step_run_id = self._step_run_id(run_id, step)
+        following, cursor = attempt, -1
+        while True:
+            with self._stack.metadata.read() as s:
+                # The state first: every line of an attempt that it shows ended is stored.
+                st = slogs.state(s, step_run_id)
+                if following is None:
+                    following = st.attempt
+                lines = slogs.read(s, step_run_id, following, after_seq=cursor, limit=_LOG_PAGE)
+            yield from _log_views(following, lines, cursor)
+            if lines:
+                cursor = lines[-1].seq
+            if len(lines) == _LOG_PAGE:
+                continue
+            if st.attempt > following:
+                if attempt is not None:
+                    return
+                following, cursor = following + 1, -1  # that attempt ended; the next one ran
+                continue
+            if st.ended or (attempt is not None and st.attempt == following and not st.running):
+                stored = st.stored_text_of(following)
+                if stored:
+                    yield LogLineView(following, -1, "", None, stored)
+                return
+            time.sleep(poll_s)
+
+    def _step_run_id(self, run_id: str, step: str) -> str:
         run = self.get_run(run_id)
         if step not in run.steps:
             raise NotFoundError(
                 f"run {run.id} has no step {step!r}; its steps are {', '.join(run.steps)}"
             )
-        return run.steps[step].logs
+        return run.steps[step].id
+
+    def _text_of(self, step_run_id: str, attempt: int | None) -> str:
+        from stores.metadata import logs as slogs
+
+        with self._stack.metadata.read() as s:
+            st = slogs.state(s, step_run_id)
+            number = st.attempt if attempt is None else attempt
+            lines = slogs.read(s, step_run_id, number)
+        return slogs.render(lines) + st.stored_text_of(number)
 
     def explain_cache(self, run: str | RunView, step: str) -> list[str]:
         """Why ``step`` of ``run`` was (or was not) a cache hit, as sentences.
@@ -367,6 +515,64 @@ class Client:
             created_at=art.created_at,
             _stack=self._stack,
         )
+
+
+def _period_start(since: str | timedelta | datetime, now: float) -> float:
+    """Epoch seconds where the period ``since`` (see :meth:`Client.usage`) starts."""
+    from datetime import UTC, datetime, timedelta
+
+    from stores.metadata.usage import parse_period
+
+    if isinstance(since, datetime):
+        return (since if since.tzinfo else since.replace(tzinfo=UTC)).timestamp()
+    if isinstance(since, timedelta):
+        return now - since.total_seconds()
+    if isinstance(since, str):
+        return now - parse_period(since)
+    raise ValueError(
+        f"usage period {since!r} is not understood; give text such as '7d', a timedelta "
+        "or a datetime"
+    )
+
+
+#: Lines read per query while following a step.
+_LOG_PAGE = 5_000
+
+
+@dataclass(frozen=True)
+class LogLineView:
+    """One stored line of a step attempt's output (a very long line comes in pieces)."""
+
+    attempt: int
+    #: Its position in the attempt, from 0; -1 for text kept with the step's record.
+    seq: int
+    #: ``stdout``, ``stderr`` or ``log`` (a ``logging`` record); ``""`` for text kept with
+    #: the step's record (older steps' whole output, or what a worker could not store as lines).
+    stream: str
+    #: When it was printed or logged, epoch seconds; None for text kept with the step's record.
+    ts: float | None
+    #: The text with its line ending.
+    text: str
+    #: Lines dropped right before this one to stay within the kept size (readers show a marker).
+    dropped_before: int = 0
+
+    def render(self) -> str:
+        """The text as ``zw logs`` prints it, after a marker if lines were dropped before it."""
+        if not self.dropped_before:
+            return self.text
+        from stores.metadata.logs import dropped_marker
+
+        return dropped_marker(self.dropped_before) + self.text
+
+
+def _log_views(attempt: int, lines: list[Any], after_seq: int) -> list[LogLineView]:
+    views, expected = [], after_seq + 1
+    for line in lines:
+        views.append(
+            LogLineView(attempt, line.seq, line.stream, line.ts, line.text, line.seq - expected)
+        )
+        expected = line.seq + 1
+    return views
 
 
 def _enabled(run: RunView, step: str) -> bool:

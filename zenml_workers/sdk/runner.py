@@ -23,6 +23,7 @@ from zenml_workers.errors import (
     RunFailedError,
     RunTimeoutError,
     StepFailedError,
+    StoreMismatchError,
 )
 from zenml_workers.sdk.stack import Stack, get_stack
 
@@ -198,25 +199,33 @@ class RunHandle:
 
         Args:
             timeout_s: give up after this many seconds (None: wait for ever).
-            progress: show steps done/total: a rich progress bar on a terminal, a plain line at
-                most every 2 s (and at the end) otherwise; False for silence.
+            progress: show live progress (steps completed, running, queued, cached, skipped and
+                failed; which worker runs what; why the rest waits) and a final line: a live
+                view on a terminal, an updating output in a Jupyter kernel, a plain line per
+                change (at most every 2 s) otherwise; False for none (warnings still print).
             raise_on_failure: raise when the run fails or is cancelled.
 
         Raises:
             StepFailedError: a step failed; names it and carries its remote traceback.
             RunCancelledError: the run was cancelled.
             RunTimeoutError: ``timeout_s`` passed first.
+            StoreMismatchError: raised on timeout when a worker refused a step because it uses
+                another metadata store than this client (shown as a warning at once).
             NoWorkerForQueueError: raised on timeout when steps wait on a queue no live worker consumes.
         """
         from zenml_workers.sdk.client import Client
-        from zenml_workers.sdk.progress import ProgressReporter
+        from zenml_workers.sdk.progress import ProgressReporter, read_snapshot
 
         orch = self._stack.orchestrator
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         show = progress is not False
-        reporter = ProgressReporter(self.id, enabled=show)
+        reporter = ProgressReporter(
+            self.id, enabled=show, read=lambda: read_snapshot(self._stack, self.id)
+        )
         next_read = 0.0
-        last_blocked_check = 0.0
+        # The first look for unconsumed queues waits 5 s: a worker on another metadata store
+        # refuses a step within milliseconds, and its reason is the better message.
+        last_blocked_check = time.monotonic()
         warned: set[str] = set()
         hint = False
         outage: InfrastructureError | None = None
@@ -228,9 +237,12 @@ class RunHandle:
                     try:
                         if self._ended(hint):
                             break
-                        if show:
-                            reporter.update(*self.progress())
-                        if now - last_blocked_check > 5.0:
+                        reporter.poll()  # one snapshot read, at most a few a second
+                        refused = orch.refusal(self.id)
+                        if refused is not None and refused not in warned:
+                            warned.add(refused)
+                            reporter.warn(refused)
+                        if now - last_blocked_check > 5.0 and refused is None:
                             last_blocked_check = now
                             for queue, steps in self.blocked_queues().items():
                                 if queue not in warned:
@@ -244,6 +256,9 @@ class RunHandle:
                         outage = e
                         next_read = now + 1.0
                 if deadline is not None and now >= deadline:
+                    refused = orch.refusal(self.id)
+                    if refused is not None:
+                        raise StoreMismatchError(refused)
                     blocked = self.blocked_queues()
                     if blocked:
                         queue, steps = next(iter(blocked.items()))
@@ -253,12 +268,11 @@ class RunHandle:
                     )
                 remaining = 0.5 if deadline is None else max(0.0, min(0.5, deadline - now))
                 hint = orch.wait_changed(self.id, remaining)
-            if show:
-                reporter.update(*self.progress())
+            orch.forget(self.id)
+            run = Client(settings=self._stack.settings).get_run(self.id)
+            reporter.finish(run)
         finally:
             reporter.close()
-        orch.forget(self.id)
-        run = Client(settings=self._stack.settings).get_run(self.id)
         if raise_on_failure:
             _raise_for(run)
         return run

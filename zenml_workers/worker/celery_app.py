@@ -38,8 +38,15 @@ def create_app(settings: Settings) -> Celery:
     from celery import Celery
 
     from zenml_workers.worker.broker import celery_config, tls_transport_options
+    from zenml_workers.worker.connection import AMQP_CLASS
 
-    app = Celery("zenml_workers", broker=settings.reveal_broker_url(), set_as_current=False)
+    # AMQP_CLASS: the banner, logs and Flower show no ":**" for a URL without a password.
+    app = Celery(
+        "zenml_workers",
+        broker=settings.reveal_broker_url(),
+        set_as_current=False,
+        amqp=AMQP_CLASS,
+    )
     app.conf.update(
         # A publish to a broker that is down gives up after ~1 s instead of blocking the
         # caller; the steps stay queued in SQL and the scheduler sends them later.
@@ -64,6 +71,10 @@ def create_app(settings: Settings) -> Celery:
         # broker write to every step hand-off.
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
+        # A step's prints go to the worker's stdout as they are, once: Celery's redirect would
+        # turn each into a "WARNING celery.redirected" record (the step's log capture keeps
+        # such records out of the step's log either way, see worker/logcapture.py).
+        worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": int(settings.visibility_timeout_s),
@@ -88,21 +99,28 @@ def create_app(settings: Settings) -> Celery:
 
 
 def send_steps(app: Celery, queued: Sequence[QueuedStep]) -> None:
-    """Publish step tasks; each is named ``pipeline.invocation`` in Flower and carries its run id."""
+    """Publish step tasks; each is named ``pipeline.invocation`` in Flower and shows its run id.
+
+    Flower's task list shows (and searches, e.g. ``/api/tasks?search=<run id>``) a task's
+    ``kwargsrepr``: the run id and the step, not the signed message.
+    """
     if not queued:
         return
+    grace_s = app.zw_settings.stop_grace_s  # type: ignore[attr-defined]
     with app.producer_or_acquire() as producer:
         for q in queued:
-            limits = {}
+            limits: dict[str, float] = {}
             if q.timeout_s:
-                # The step gets SoftTimeLimitExceeded (recorded as its failure, retried if it
-                # has retries); a step that ignores it is killed a little later.
-                limits = {"soft_time_limit": q.timeout_s, "time_limit": q.timeout_s + 30}
+                # The step gets StepTimeoutError (recorded as its failure, retried if it has
+                # retries); a step that ignores it is killed ZW_STOP_GRACE_S later. Prefork
+                # workers enforce both through Celery; a solo worker's step host reads them.
+                limits = {"soft_time_limit": q.timeout_s, "time_limit": q.timeout_s + grace_s}
             if q.delay_s > 0:
                 limits["countdown"] = q.delay_s
             app.send_task(
                 STEP_TASK,
                 kwargs={"task": app.zw_signer.sign(q.task.encode())},
+                kwargsrepr=repr({"run_id": q.task.run_id, "step": q.task.invocation_id}),
                 queue=q.queue,
                 routing_key=q.queue,
                 task_id=q.task_id,
@@ -175,6 +193,27 @@ class RunEvents:
             self._client = redis.Redis.from_url(self._url, **self._ssl_options)
             self._pid = os.getpid()
         return self._client
+
+    def publish_refused(self, run_id: str, *, step: str, why: str) -> None:
+        """Say that a worker refused ``step`` of the run for reason ``why`` (one sentence: it
+        was planned in another metadata store), so ``wait()`` shows it."""
+        if not self.enabled:
+            return
+        try:
+            self.client.publish(self.channel(run_id), json.dumps({"step": step, "refused": why}))
+        except Exception:  # the refusal is in the worker's log and on zw:dead-letter too
+            log.warning("could not publish run event for run %s", run_id, exc_info=True)
+
+    @staticmethod
+    def refusal(message: object) -> str | None:
+        """The refusal a pub/sub message of :meth:`channel` carries, None for other events."""
+        data = message.get("data") if isinstance(message, dict) else None
+        try:
+            event = json.loads(data) if isinstance(data, bytes | str) else None
+        except ValueError:
+            return None
+        why = event.get("refused") if isinstance(event, dict) else None
+        return why if isinstance(why, str) and why else None
 
     def publish_idle(self, run_id: str, *, step: str) -> None:
         """Say that ``step`` finished without queueing anything, so the run may have ended."""

@@ -22,7 +22,8 @@ from scheduler.lease import LeasePolicy, Redelivery
 from scheduler.specs import StepSpec, StepTask
 from stores.errors import ArtifactIntegrityError, InfrastructureError
 from stores.metadata import queries as q
-from zenml_workers.errors import CodeIntegrityError, UntrustedInputError
+from stores.metadata import workers as w
+from zenml_workers.errors import CodeIntegrityError, StoreMismatchError, UntrustedInputError
 from zenml_workers.worker.context import WorkerContext, pid_alive
 from zenml_workers.worker.inputs import (
     carried_inputs,
@@ -30,8 +31,10 @@ from zenml_workers.worker.inputs import (
     known_materializer,
     load_inputs,
 )
-from zenml_workers.worker.logcapture import capture_logs
+from zenml_workers.worker.logcapture import capture_logs, store_writer
 from zenml_workers.worker.outputs import discard, store_outputs
+from zenml_workers.worker.stop import step_body
+from zenml_workers.worker.usage import StepMeter
 
 log = logging.getLogger("zenml_workers.worker")
 
@@ -49,9 +52,12 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
             gives the message back to the broker.
         UntrustedInputError: the message names an artifact outside the stack's artifact
             store; nothing was claimed.
+        StoreMismatchError: the message was planned in another metadata store than this
+            worker's; nothing was read or claimed.
     """
     backoff = ctx.backoff
     what = f"run {task.run_id} step {task.invocation_id}"
+    check_store(task, ctx)
     carried = carried_inputs(task)
     if carried is not None:
         # Refused before the claim: a bad message must not touch its run.
@@ -120,6 +126,29 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
         ctx.leases.release(row.id)
 
 
+def check_store(task: StepTask, ctx: WorkerContext) -> None:
+    """Refuse a message planned in another metadata store, before anything of its run is read:
+    that store's run is not in this worker's, so the claim could only fail obscurely.
+
+    Raises:
+        StoreMismatchError: the message's ``store_id`` is not this worker's store's.
+    """
+    if not task.store_id:
+        return  # an older client's message: nothing to compare
+    mine = call_with_backoff(
+        ctx.metadata.store_id, what="read the metadata store's id", policy=ctx.backoff
+    )
+    if not mine or mine == task.store_id:
+        return
+    raise StoreMismatchError(
+        f"worker {ctx.host} refused run {task.run_id} step {task.invocation_id}: it was planned "
+        f"in the metadata store at {task.store_url or '(URL not given)'} (store id "
+        f"{task.store_id}), but this worker uses the one at {ctx.metadata.redacted_url} (store "
+        f"id {mine}); give the client, the scheduler and the workers the same ZW_METADATA_URL "
+        "(e.g. the same stack file or ZW_HOME), or start workers on that store"
+    )
+
+
 def _claim(
     task: StepTask, ctx: WorkerContext
 ) -> tuple[StepSpec, Any, dict[tuple[str, str], Any], bytes | None, float] | None:
@@ -182,7 +211,7 @@ def _redelivered(
             )
         return None
     log.warning("run %s step %s: %s; taking it over", task.run_id, task.invocation_id, lost)
-    return q.take_over(
+    row = q.take_over(
         s,
         task.step_run_id,
         holder.attempt,
@@ -192,6 +221,9 @@ def _redelivered(
         now=now,
         reason=lost,
     )
+    if row is not None:
+        w.count_takeover(s, ctx.host)  # a recovery event; the scheduler's metrics export it
+    return row
 
 
 def _run(
@@ -212,7 +244,10 @@ def _run(
     error, tb, retryable = None, "", True
     backoff = ctx.backoff
     what = f"run {row.run_id} step {step.invocation_id}"
-    with capture_logs() as logs:
+    meter = StepMeter.for_step(step)
+    with capture_logs(
+        store_writer(ctx.metadata, row.id, row.attempt), what=what, final_with_commit=True
+    ) as logs:
         try:
             fn = ctx.function(step.code_hash, blob)
             # After the step's code is loaded: its module registered its materializers.
@@ -232,7 +267,9 @@ def _run(
                 row.attempt,
                 ctx.host,
             )
-            result = fn(**kwargs)
+            # Stop requests (cancel, timeout, hand-back) raise only inside the step's own code.
+            with meter.measuring(), step_body():
+                result = fn(**kwargs)
             artifacts = store_outputs(
                 step,
                 result,
@@ -248,7 +285,15 @@ def _run(
             # A corrupt input, altered code or an untrusted input fails the same way on every
             # attempt: retrying would only spend the step's retries.
             retryable = not isinstance(e, _NOT_RETRIED)
-    values = {"logs": logs.text, "step_metadata": {"duration_s": round(time.time() - started, 6)}}
+    # The last lines are stored by the transaction that ends the attempt; "logs" keeps only
+    # what could not be stored as lines.
+    values: dict[str, Any] = {
+        "logs": logs.leftover,
+        "step_metadata": {"duration_s": round(time.time() - started, 6)},
+    }
+    if logs.final is not None:
+        values[dispatch.LOG_LINES] = logs.final
+    meter.add_to(values, earlier=row.step_metadata)
     return artifacts, values, error, tb, retryable
 
 

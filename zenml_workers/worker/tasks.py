@@ -40,11 +40,19 @@ def register(app: Celery) -> None:
     from celery.exceptions import Reject
 
     from stores.errors import InfrastructureError
-    from zenml_workers.errors import ConfigurationError, UntrustedInputError
+    from zenml_workers.errors import (
+        ConfigurationError,
+        StepFailedError,
+        StoreMismatchError,
+        UntrustedInputError,
+    )
+    from zenml_workers.worker.attempt import AttemptRunner, end_task
     from zenml_workers.worker.celery_app import STEP_TASK, RunEvents, send_or_mark_unsent
     from zenml_workers.worker.signing import require_key
 
     events = RunEvents(app.zw_settings.reveal_broker_url(), app.zw_settings.broker_ssl_options())
+    #: Where this worker runs attempts (the solo worker's step host) and how it stops them.
+    runner = AttemptRunner(app)
 
     @app.task(
         name=STEP_TASK,
@@ -53,10 +61,15 @@ def register(app: Celery) -> None:
         acks_late=True,
         reject_on_worker_lost=True,
         ignore_result=True,
+        # A failed step's task ends in FAILURE (Flower shows the step's exception) and its
+        # message is acked, not redelivered: the retry, if any, is a new task already sent.
+        # (Celery before 5.7 reads only the first of these; 5.7 deprecates it for the others.)
+        acks_on_failure_or_timeout=True,
+        acks_on_failure=True,
+        acks_on_timeout=True,
+        throws=(StepFailedError,),
     )
     def run_step(self: Any, task: dict[str, Any]) -> None:
-        from zenml_workers.worker.execute import execute_step
-
         # Nothing of the message is used before its signature is checked.
         refusal = app.zw_signer.refusal(task)
         try:
@@ -82,8 +95,8 @@ def register(app: Celery) -> None:
             # The Celery node name (cpu@host, gpu@host) tells workers on one machine apart.
             ctx.host = self.request.hostname
         try:
-            follow = execute_step(step_task, ctx)
-        except UntrustedInputError as e:
+            attempt = runner.run(self.request, step_task, ctx)
+        except (UntrustedInputError, StoreMismatchError) as e:
             from zenml_workers.worker.broker import drop_step_task
 
             drop_step_task(
@@ -95,16 +108,21 @@ def register(app: Celery) -> None:
                 reason=str(e),
                 ssl_options=app.zw_settings.broker_ssl_options(),
             )
+            if isinstance(e, StoreMismatchError):
+                # Its client waits on the same broker: tell it, instead of "no live worker".
+                # The step stays queued in its own store, whose scheduler resends it.
+                events.publish_refused(step_task.run_id, step=step_task.invocation_id, why=str(e))
             return
         except InfrastructureError as e:
             # The database stayed unreachable for the whole retry budget: give the message
             # back instead of acking it into oblivion; whoever takes it next takes over.
             raise Reject(str(e), requeue=True) from e
-        if follow:
-            send_or_mark_unsent(app, ctx.metadata, follow)
+        if attempt.follow:
+            send_or_mark_unsent(app, ctx.metadata, attempt.follow)
         else:
             # Only a step that queued nothing may have ended its run: wake the waiters.
             events.publish_idle(step_task.run_id, step=step_task.invocation_id)
+        end_task(self, step_task, attempt.ended)
 
     state: dict[str, Any] = {}
 
@@ -121,22 +139,105 @@ def register(app: Celery) -> None:
             raise UnsignedClusterError(str(e)) from e
         queues = sorted(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
         state["name"], state["queues"] = sender, queues
+        state["concurrency"] = pool_concurrency(instance)
         if GPU_QUEUE in queues:
             check_gpu()
+        state["solo"] = is_solo(instance)
+        runner.configure(solo=state["solo"], log_level=_log_level(instance))
 
     @signals.worker_ready.connect(weak=False)
     def _ready(sender: Any, **_: Any) -> None:
         if sender.app is not app or "name" not in state:
             return
-        beat = WorkerHeartbeat(app, state["name"], state["queues"], booted_at=state["booted_at"])
+        beat = WorkerHeartbeat(
+            app,
+            state["name"],
+            state["queues"],
+            booted_at=state["booted_at"],
+            concurrency=state["concurrency"],
+        )
         state["heartbeat"] = beat
         beat.start()
+        runner.start()
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _shutting_down(sender: Any = None, how: str = "Warm", **_: Any) -> None:
+        # Inside the signal handler: only note it (ShutdownGrace starts or wakes a thread).
+        if "name" not in state or sender != state["name"]:
+            return
+        if runner.grace is None:
+            from zenml_workers.worker.shutdown import ShutdownGrace
+
+            runner.grace = ShutdownGrace(
+                worker_context(app).metadata,
+                app.zw_settings,
+                state["name"],
+                sweep=not state.get("solo", False),
+            )
+        runner.grace.signalled(how)
+
+    @signals.task_failure.connect(weak=False)
+    def _hard_time_limit(
+        sender: Any = None, exception: BaseException | None = None, kwargs: Any = None, **_: Any
+    ) -> None:
+        from celery.exceptions import TimeLimitExceeded
+
+        if getattr(sender, "name", None) != STEP_TASK or not isinstance(
+            exception, TimeLimitExceeded
+        ):
+            return
+        # Celery killed the pool child at the step's hard time limit; this is the main process.
+        message = (kwargs or {}).get("task")
+        if not isinstance(message, dict) or "name" not in state:
+            return
+        if app.zw_signer.refusal(message) is not None:
+            return
+        ctx = worker_context(app)
+        ctx.host = state["name"]
+        step_task = StepTask.decode(message)
+        limit_s = float(exception.args[0]) if exception.args else 0.0
+        try:
+            follow = runner.record_hard_timeout(step_task, ctx, limit_s)
+        except Exception:  # its lease runs out and the scheduler recovers it
+            log.warning("could not record the hard time limit of %s", step_task, exc_info=True)
+            return
+        if follow:
+            send_or_mark_unsent(app, ctx.metadata, follow)
+        else:
+            events.publish_idle(step_task.run_id, step=step_task.invocation_id)
 
     @signals.worker_shutdown.connect(weak=False)
     def _shutdown(sender: Any = None, **_: Any) -> None:
+        runner.close()
         beat = state.get("heartbeat")
         if beat is not None:
             beat.stop()
+
+
+def is_solo(worker: Any) -> bool:
+    """Whether a Celery worker (its ``WorkController``) runs tasks in its own process (solo)."""
+    pool = getattr(worker, "pool_cls", None)
+    return "solo" in str(pool if isinstance(pool, str) else getattr(pool, "__module__", ""))
+
+
+def _log_level(worker: Any) -> int:
+    level = getattr(worker, "loglevel", logging.INFO)
+    if isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+    return level if isinstance(level, int) else logging.INFO
+
+
+def pool_concurrency(worker: Any) -> int:
+    """How many steps a Celery worker (its ``WorkController``) runs at once: 1 for the solo
+    pool, else its ``--concurrency``; 0 when it cannot tell."""
+    pool = getattr(worker, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if "solo" in str(name):
+        return 1
+    try:
+        return max(0, int(getattr(worker, "concurrency", 0) or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 class UnsignedClusterError(SystemExit):
@@ -192,11 +293,21 @@ class WorkerHeartbeat:
     Lets ``wait()`` tell users when their steps sit on a queue nobody consumes.
     """
 
-    def __init__(self, app: Celery, name: str, queues: list[str], *, booted_at: float) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        name: str,
+        queues: list[str],
+        *,
+        booted_at: float,
+        concurrency: int = 0,
+    ) -> None:
         self.app = app
         self.name = name
         self.queues = queues
         self.booted_at = booted_at
+        #: Steps the pool runs at once, recorded for autoscaling (``zw queues``); 0: unknown.
+        self.concurrency = concurrency
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="zw-heartbeat", daemon=True)
 
@@ -243,6 +354,7 @@ class WorkerHeartbeat:
                 host=socket.gethostname(),
                 pid=os.getpid(),
                 now=seen_at,
+                concurrency=self.concurrency,
             )
             n = w.expire_orphaned_leases(s, self.name, alive=alive, seen_at=seen_at)
         if n:

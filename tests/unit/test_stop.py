@@ -166,16 +166,22 @@ def test_stop_outside_the_step_body_waits_for_it_and_never_hits_a_transaction() 
         pass  # the next attempt's body runs
 
 
-def test_stop_prefork_sigterm_cancels_an_attempt_and_exits_an_idle_child(
+def test_stop_prefork_sigterm_exits_from_the_step_body_only(
     restore_signals: None,
 ) -> None:
     exits: list[int] = []
     saved = signal.signal(signal.SIGTERM, lambda signum, _frame: exits.append(signum))
     try:
         stops = _armed_stops(None).install(terminate_cancels=True)
-        with pytest.raises(stop.StepStopped) as info, stop.step_body():
+        with pytest.raises(SystemExit), stop.step_body():
             os.kill(os.getpid(), signal.SIGTERM)  # Celery's revoke(terminate=True)
-        assert info.value.reason == stop.CANCEL and not exits
+        assert not exits and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # 2nd: kills
+        stops = _armed_stops(None).install(terminate_cancels=True)
+        os.kill(os.getpid(), signal.SIGTERM)  # while claiming: nothing raised here ...
+        with pytest.raises(SystemExit), stop.step_body():  # ... but as the body starts
+            raise AssertionError("the body must not start")  # pragma: no cover
+        signal.signal(signal.SIGTERM, lambda signum, _frame: exits.append(signum))
+        stops = _armed_stops(None).install(terminate_cancels=True)
         stops.arm(None)
         os.kill(os.getpid(), signal.SIGTERM)  # idle: billiard's own handler (here: recorded)
         assert exits == [signal.SIGTERM]

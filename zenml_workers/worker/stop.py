@@ -138,8 +138,9 @@ class ChildStops:
 
     def install(self, *, terminate_cancels: bool = False) -> ChildStops:
         """Install the handlers; with ``terminate_cancels`` (a prefork pool child, which
-        Celery's ``revoke(terminate=True)`` sends SIGTERM) SIGTERM during an attempt stops it
-        like a cancel, at a safe point, and exits the idle process as billiard would."""
+        Celery's ``revoke(terminate=True)`` sends SIGTERM) SIGTERM during an attempt exits the
+        process from the step's body, never from inside a transaction, and exits an idle
+        process as billiard would."""
         signal.signal(SOFT_STOP, self._on_soft_stop)
         signal.signal(HAND_BACK, self._on_hand_back)
         if terminate_cancels:
@@ -153,15 +154,18 @@ class ChildStops:
         _BODY.pending = None
 
     def _on_terminate(self, signum: int, frame: Any) -> None:
-        armed = self.armed
-        if armed is None:
+        if self.armed is None:
             previous = getattr(self, "_exit_handler", None)
             if callable(previous):
-                previous(signum, frame)
+                previous(signum, frame)  # billiard's: exit the idle process
                 return
-            raise SystemExit(128 + signum)
+            raise SystemExit(-(256 - signum))
+        # Exit as billiard would, but from the step's body only (a process that dies releases
+        # every lock; one that lived on after an interrupted transaction would hold SQLite's).
+        # A second SIGTERM kills at once.
         self.armed = None
-        _deliver(StepStopped(CANCEL, f"step {armed.invocation_id!r} was stopped (terminated)"))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _deliver(SystemExit(-(256 - signum)))
 
     def _on_soft_stop(self, _signum: int, _frame: Any) -> None:
         armed = self.armed

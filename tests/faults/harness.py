@@ -23,6 +23,7 @@ from tests.services.process import (
     TEST_SECRET_KEY,
     ServiceProcess,
     service_env,
+    settings_from_env,
     wait_until,
 )
 from tests.services.redis import RedisServer, start_redis
@@ -176,15 +177,9 @@ class FaultCluster:
     # -- the client side -------------------------------------------------------------------
 
     def settings(self, **overrides: Any) -> Any:
-        from zenml_workers.settings import load_settings
-
-        values = {
-            k[3:].lower(): v
-            for k, v in self.env.items()
-            if k.startswith("ZW_") and k not in ("ZW_SKIP_GPU_CHECK", "ZW_SCHEDULER_INTERVAL_S")
-        }
-        values.update(overrides)
-        return load_settings(**values)
+        return settings_from_env(
+            self.env, exclude=("ZW_SKIP_GPU_CHECK", "ZW_SCHEDULER_INTERVAL_S"), **overrides
+        )
 
     @property
     def metadata(self) -> Any:

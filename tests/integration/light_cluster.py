@@ -18,6 +18,7 @@ from tests.services.process import (
     TEST_SECRET_KEY,
     ServiceProcess,
     service_env,
+    settings_from_env,
     wait_until,
 )
 
@@ -81,11 +82,7 @@ class LightCluster:
         return proc
 
     def settings(self, **overrides: Any) -> Any:
-        from zenml_workers.settings import load_settings
-
-        values = {k[3:].lower(): v for k, v in self.env.items() if k.startswith("ZW_")}
-        values.update(overrides)
-        return load_settings(**values)
+        return settings_from_env(self.env, **overrides)
 
     @property
     def metadata(self) -> Any:

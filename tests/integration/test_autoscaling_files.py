@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +24,11 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from scheduler import dispatch
 from scheduler.metrics import SchedulerCollector, queue_loads
 from scheduler.specs import OutputSpec, PipelineSpec, StepSpec
 from stores.metadata import queries as q
 from stores.metadata.store import MetadataStore
+from tests.pipelines.planning import plan
 from tests.services.process import (
     REPO_ROOT,
     TEST_SECRET_KEY,
@@ -173,20 +172,9 @@ def test_keda_postgresql_query_counts_the_queue_demand(
     )
     store = MetadataStore(postgres_url)
     try:
-        with store.transaction() as s:
-            queued = dispatch.plan_run(
-                s,
-                spec=PipelineSpec(name="g", steps=steps, enable_cache=False),
-                code_blobs=[],
-                run_id=str(uuid.uuid4()),
-                run_name="g",
-                config={},
-                environment={},
-                user="u",
-                orchestrator="celery",
-                window=2,
-                now=NOW,
-            )
+        queued = plan(
+            store, PipelineSpec(name="g", steps=steps, enable_cache=False), window=2, now=NOW
+        )
         with store.autocommit() as s:
             assert q.claim(s, queued[0].task.step_run_id, host="g@h", pid=1, lease_s=60, now=NOW)
         with store.read() as s:
@@ -373,20 +361,13 @@ def test_scale_script_resizes_to_what_zw_queues_wants(tmp_path: Path) -> None:
         )
         for i in range(6)
     )
-    with store.transaction() as s:
-        dispatch.plan_run(
-            s,
-            spec=PipelineSpec(name="c", steps=steps, enable_cache=False),
-            code_blobs=[],
-            run_id=str(uuid.uuid4()),
-            run_name="c",
-            config={},
-            environment={},
-            user="u",
-            orchestrator="local",
-            window=2,
-            now=NOW,
-        )
+    plan(
+        store,
+        PipelineSpec(name="c", steps=steps, enable_cache=False),
+        window=2,
+        orchestrator="local",
+        now=NOW,
+    )
     store.dispose()
     zw = Path(sys.executable).parent / "zw"
     out = subprocess.run(

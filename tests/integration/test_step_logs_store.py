@@ -15,6 +15,7 @@ from stores.metadata import logs
 from stores.metadata import queries as q
 from stores.metadata.logs import LogLine, LogWrite
 from stores.metadata.store import MetadataStore
+from tests.pipelines.planning import plan
 
 NOW = 1_000_000.0
 JSON_MAT = "zenml_workers.sdk.materializers.builtins:JsonMaterializer"
@@ -47,21 +48,8 @@ def _running_step(st: MetadataStore) -> Any:
             ),
         ),
     )
-    run_id = str(uuid.uuid4())
-    with st.transaction() as s:
-        queued = dispatch.plan_run(
-            s,
-            spec=spec,
-            code_blobs=[{"code_hash": CODE_HASH, "name": "talk", "source": "", "pickled": CODE}],
-            run_id=run_id,
-            run_name="r",
-            config={},
-            environment={},
-            user="u",
-            orchestrator="test",
-            window=8,
-            now=NOW,
-        )
+    blob = {"code_hash": CODE_HASH, "name": "talk", "source": "", "pickled": CODE}
+    queued = plan(st, spec, code_blobs=[blob], window=8, orchestrator="test", now=NOW)
     with st.transaction() as s:
         return q.claim(s, queued[0].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW)
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from scheduler import dispatch
 from scheduler.metrics import queue_loads
 from scheduler.specs import OutputSpec, PipelineSpec, StepSpec
 from stores.metadata import queries as q
 from stores.metadata import workers as w
 from stores.metadata.store import HEAD_REVISION, MIGRATIONS_DIR, MetadataStore
+from tests.pipelines.planning import plan
 
 NOW = 1_000_000.0
 JSON_MAT = "zenml_workers.sdk.materializers.builtins:JsonMaterializer"
@@ -51,20 +51,7 @@ def _fan(width: int, queue: str = "cpu") -> PipelineSpec:
 
 
 def _plan(store: MetadataStore, spec: PipelineSpec, *, window: int, run_id: str) -> None:
-    with store.transaction() as s:
-        dispatch.plan_run(
-            s,
-            spec=spec,
-            code_blobs=[],
-            run_id=run_id,
-            run_name=run_id,
-            config={},
-            environment={},
-            user="u",
-            orchestrator="celery",
-            window=window,
-            now=NOW,
-        )
+    plan(store, spec, window=window, run_id=run_id, now=NOW)
 
 
 def test_store_id_is_made_once_and_names_one_database(

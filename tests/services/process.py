@@ -122,6 +122,20 @@ def require_binary(name: str, extra_dirs: Iterable[str | Path] = ()) -> str:
     return found
 
 
+def settings_from_env(
+    env: Mapping[str, str], *, exclude: Sequence[str] = (), **overrides: Any
+) -> Any:
+    """The client's settings from a cluster's ``ZW_*`` environment (less ``exclude``), with
+    ``overrides`` on top, as a teammate's shell would give them."""
+    from zenml_workers.settings import load_settings
+
+    values: dict[str, Any] = {
+        k[3:].lower(): v for k, v in env.items() if k.startswith("ZW_") and k not in exclude
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
 def service_env(
     env: Mapping[str, str] | None = None, *, drop_prefixes: Sequence[str] = ()
 ) -> dict[str, str]:

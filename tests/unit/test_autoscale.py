@@ -16,6 +16,7 @@ from scheduler.specs import StepTask
 from stores.metadata import workers as w
 from stores.metadata.store import MetadataStore
 from tests.pipelines import autoscale as pl
+from tests.pipelines.planning import plan
 from zenml_workers.errors import StoreMismatchError
 from zenml_workers.settings import Settings
 from zenml_workers.worker.signing import Signer
@@ -68,20 +69,7 @@ def _store(tmp_path: Path, name: str = "m.db") -> MetadataStore:
 
 def _plan(store: MetadataStore, width: int, window: int) -> list[dispatch.QueuedStep]:
     spec = pl.held_fan.build(marker_dir="/nowhere", width=width).spec
-    with store.transaction() as s:
-        return dispatch.plan_run(
-            s,
-            spec=spec,
-            code_blobs=[],
-            run_id=str(uuid.uuid4()),
-            run_name="r",
-            config={},
-            environment={},
-            user="u",
-            orchestrator="celery",
-            window=window,
-            now=NOW,
-        )
+    return plan(store, spec, window=window, now=NOW)
 
 
 def _samples(collector: SchedulerCollector) -> dict[tuple[str, tuple[str, ...]], float]:

@@ -14,7 +14,8 @@ import pytest
 
 from stores.errors import MetadataStoreUnavailableError
 from stores.metadata.logs import LogLine, render
-from zenml_workers.worker.logcapture import LogBatch, LogBuffer, LogShipper, capture_logs
+from zenml_workers.worker.logbuffer import LogBatch, LogBuffer
+from zenml_workers.worker.logcapture import LogShipper, capture_logs
 
 
 class FakeStore:

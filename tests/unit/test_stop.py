@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ from stores.metadata import workers as w
 from stores.metadata.models import StepRunRow
 from stores.metadata.store import MetadataStore
 from tests.pipelines import stopping as pl
+from tests.pipelines.planning import plan
 from zenml_workers.errors import StepTimeoutError
 from zenml_workers.settings import Settings
 from zenml_workers.worker import stop
@@ -234,20 +234,7 @@ def store(tmp_path: Path) -> Iterator[MetadataStore]:
 def _plan(store: MetadataStore, pipeline: object, **params: object) -> StepTask:
     """Plan a one-step-first run; return its first step's task."""
     spec = pipeline.build(**params).spec  # type: ignore[attr-defined]
-    with store.transaction() as s:
-        queued = dispatch.plan_run(
-            s,
-            spec=spec,
-            code_blobs=[],
-            run_id=str(uuid.uuid4()),
-            run_name="r",
-            config={},
-            environment={},
-            user="u",
-            orchestrator="celery",
-            now=NOW,
-        )
-    return queued[0].task
+    return plan(store, spec, now=NOW)[0].task
 
 
 def _claim(store: MetadataStore, task: StepTask, pid: int = 42) -> None:

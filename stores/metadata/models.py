@@ -50,12 +50,14 @@ class RunRow(Base):
     spec: Mapped[str] = mapped_column(Text)
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     environment: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    user: Mapped[str] = mapped_column(String(255), default="")
+    user: Mapped[str] = mapped_column(String(255), default="", index=True)
     orchestrator: Mapped[str] = mapped_column(String(32), default="local")
     steps_total: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float, index=True)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     message: Mapped[str] = mapped_column(Text, default="")
+    #: What the run came from: ``{"kind": "retry" | "rerun" | "copy", "run_id": ..., ...}``.
+    origin: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, default=None)
 
 
 class CodeBlobRow(Base):
@@ -75,6 +77,8 @@ class StepRunRow(Base):
         Index("ix_step_runs_run_status", "run_id", "status"),
         Index("ix_step_runs_status_lease", "status", "lease_expires_at"),
         Index("ix_step_runs_cache_key", "cache_key", "status"),
+        Index("ix_step_runs_cached_from", "cached_from_step_run_id"),
+        Index("ix_step_runs_waits_for", "waits_for"),
     )
 
     id: Mapped[str] = mapped_column(ID, primary_key=True)
@@ -104,6 +108,10 @@ class StepRunRow(Base):
     exception: Mapped[str] = mapped_column(Text, default="")
     traceback: Mapped[str] = mapped_column(Text, default="")
     step_metadata: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: The step run whose in-flight attempt with the same cache key this one waits for.
+    waits_for: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    #: After this time the outputs are no longer offered as a cache hit (None: never).
+    cache_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True, default=None)
 
 
 class ArtifactRow(Base):
@@ -123,6 +131,8 @@ class ArtifactRow(Base):
     #: When a load found the stored bytes no longer match ``content_hash`` (None: never).
     #: A step run with a corrupt output is never offered as a cache hit.
     corrupted_at: Mapped[float | None] = mapped_column(Float, nullable=True, default=None)
+    #: When the object was found gone from the artifact store (None: never). Never a cache hit.
+    missing_at: Mapped[float | None] = mapped_column(Float, nullable=True, default=None)
 
 
 class LineageRow(Base):
@@ -189,3 +199,37 @@ class StepLogRow(Base):
     stream: Mapped[str] = mapped_column(String(8))
     ts: Mapped[float] = mapped_column(Float)
     text: Mapped[str] = mapped_column(Text)
+
+
+class StackRow(Base):
+    """A stack record a team shares: components as JSON, secrets only as references.
+
+    A component's secret setting is ``{"env": "VAR"}`` or ``{"file": "/path"}``; each user
+    supplies the value. Private (``shared`` false) stacks are visible to ``owner`` only.
+    """
+
+    __tablename__ = "stacks"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    owner: Mapped[str] = mapped_column(String(255))
+    shared: Mapped[bool] = mapped_column(Boolean, default=False)
+    components: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class CacheFlightRow(Base):
+    """A cache key being computed right now, and the step run computing it (single-flight).
+
+    Inserted by the step run that computes; an identical step elsewhere finds the row and
+    waits for that step run's commit instead of computing again.
+    """
+
+    __tablename__ = "cache_flights"
+
+    cache_key: Mapped[str] = mapped_column(String(80), primary_key=True)
+    step_run_id: Mapped[str] = mapped_column(String(36))
+    run_id: Mapped[str] = mapped_column(String(36))
+    started_at: Mapped[float] = mapped_column(Float)

@@ -30,7 +30,7 @@ log = logging.getLogger("zenml_workers.stores.metadata")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 #: Newest Alembic revision; checked with one query at start-up so Alembic is only imported to migrate.
-HEAD_REVISION = "0005_worker_concurrency"
+HEAD_REVISION = "0006_team"
 
 
 #: The key of ``Session.info`` under which every session of a :class:`MetadataStore` names it.

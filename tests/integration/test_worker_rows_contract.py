@@ -140,7 +140,7 @@ def test_migration_0005_adds_worker_columns_to_an_existing_database(url: str) ->
     store = MetadataStore(url)
     try:
         store.migrate()
-        assert store.current_revision() == HEAD_REVISION == "0005_worker_concurrency"
+        assert store.current_revision() == HEAD_REVISION
         columns = {c["name"] for c in inspect(store.engine).get_columns("workers")}
         assert {"concurrency", "takeovers"} <= columns
         with store.read() as s:

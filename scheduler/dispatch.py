@@ -94,8 +94,11 @@ def plan_run(
     orchestrator: str,
     window: int = DEFAULT_WINDOW,
     now: float | None = None,
+    origin: dict[str, Any] | None = None,
 ) -> list[QueuedStep]:
     """Record a new run and its steps and return the first tasks to send.
+
+    ``origin`` records what the run came from (a retry, rerun or copy of another run).
 
     Cache hits are resolved in memory before anything is written (one lookup
     per DAG level), so each step row is inserted once, already in its state:
@@ -187,6 +190,7 @@ def plan_run(
             "created_at": now,
             "ended_at": now if finished else None,
             "message": "",
+            "origin": origin,
         },
         steps=list(rows.values()),
     )

@@ -55,6 +55,17 @@ def _as_secret(field: str, value: Any) -> Any:
     return value
 
 
+def login_name() -> str:
+    """The login name of this process's user (``USER``/``LOGNAME``, else the password
+    database), or ``uid<N>`` in a container whose user has no entry."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return f"uid{os.getuid()}"
+
+
 class Settings(BaseSettings):
     """Where runs execute and where their metadata and artifacts go.
 
@@ -124,7 +135,14 @@ class Settings(BaseSettings):
     visibility_timeout_s: float = 6 * 3600.0
     #: Cache on by default for every pipeline.
     enable_cache: bool = True
-    user: str = Field(default_factory=lambda: os.environ.get("USER", "") or "unknown")
+    #: Who submits, registers stacks and is charged for usage (default: the login name).
+    user: str = Field(default_factory=lambda: login_name())
+
+    # -- stack components ------------------------------------------------------------------
+    #: MLflow tracking server of the stack's experiment tracker (unset: no tracker).
+    mlflow_tracking_uri: str | None = None
+    #: MLflow experiment the runs go to (unset: the pipeline's name).
+    mlflow_experiment_name: str | None = None
 
     # -- TLS -------------------------------------------------------------------------------
     # Paths of PEM files, never their contents. A rediss:// broker is always verified.

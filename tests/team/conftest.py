@@ -126,7 +126,9 @@ class Team:
         return json.loads(lines[-1])
 
 
-def _start(root: Path, name: str, argv: list[str], env: dict[str, str], ready: str) -> ServiceProcess:
+def _start(
+    root: Path, name: str, argv: list[str], env: dict[str, str], ready: str
+) -> ServiceProcess:
     proc = ServiceProcess(
         name,
         argv,

@@ -10,7 +10,16 @@ from collections.abc import Sequence
 
 import click
 
-from zenml_workers.cli import ops, queues, runs, services, usage  # noqa: F401  (register their commands)
+from zenml_workers.cli import (  # noqa: F401  (register their commands)
+    cache,
+    ops,
+    queues,
+    reproduce,
+    runs,
+    services,
+    stacks,
+    usage,
+)
 from zenml_workers.cli.base import cli
 from zenml_workers.errors import ZenMLWorkersError
 

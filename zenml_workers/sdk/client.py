@@ -14,9 +14,13 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from scheduler.specs import PipelineSpec
+from zenml_workers.components.client import TrackingMixin
 from zenml_workers.errors import ArtifactIntegrityError, NotFoundError
+from zenml_workers.sdk.cache_admin import CacheMixin
+from zenml_workers.sdk.reproduce import ReproduceMixin
 from zenml_workers.sdk.resources import RunCost, StepCost, UsageRow
 from zenml_workers.sdk.stack import Stack, get_stack
+from zenml_workers.sdk.stacks import StacksMixin
 
 if TYPE_CHECKING:
     from datetime import datetime, timedelta
@@ -204,8 +208,12 @@ class PipelineView:
         return runs[0]
 
 
-class Client:
+class Client(StacksMixin, CacheMixin, ReproduceMixin, TrackingMixin):
     """Entry point to everything recorded on a stack.
+
+    Team features live in mixins of their own modules: shared stacks (``sdk/stacks.py``),
+    cache management (``sdk/cache_admin.py``), retry/rerun/diff and pipeline copies
+    (``sdk/reproduce.py``) and experiment trackers (``components/``).
 
     Args:
         settings: the stack to read (default: ``ZW_*`` environment / stack file).

@@ -1,0 +1,3 @@
+"""`zw` commands for cache."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""`zw` commands for reproduce."""
+
+from __future__ import annotations

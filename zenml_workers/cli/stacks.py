@@ -1,0 +1,3 @@
+"""`zw` commands for stacks."""
+
+from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Optional stack components: experiment trackers, data validators and the interface they share."""

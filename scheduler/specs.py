@@ -79,6 +79,11 @@ class StepSpec:
     retries: int = 0
     timeout_s: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    #: Its outputs stop being offered as a cache hit this long after they were committed
+    #: (``@step(cache_expires_after="7d")``); None: never.
+    cache_expires_after_s: float | None = None
+    #: Whether the step gets an experiment-tracker run (None: ``@trainer`` steps do, others not).
+    experiment_tracker: bool | None = None
 
     def output_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.outputs)
@@ -107,6 +112,8 @@ class StepSpec:
             retries=d.get("retries", 0),
             timeout_s=d.get("timeout_s"),
             settings=dict(d.get("settings", {})),
+            cache_expires_after_s=d.get("cache_expires_after_s"),
+            experiment_tracker=d.get("experiment_tracker"),
         )
 
 

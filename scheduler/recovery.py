@@ -60,7 +60,8 @@ def recover(
         resend: step run ids whose message the broker lost (still queued ones are resent).
         events: counts what this pass did, by kind (``requeue``, ``resend``, ``silent_worker``:
             leases ended because their worker went silent, ``lost_worker_failure``), for the
-            scheduler's metrics.
+            scheduler's metrics; ``flight_repair``: steps queued because the step they waited
+            for ended without settling them.
 
     Returns the tasks to send once the caller commits.
     """
@@ -122,6 +123,11 @@ def recover(
         )
         events["resend"] += 1
         out.append(dispatch.queued_step(s, row))
+    # Waiting steps whose owner ended without settling them (e.g. it was deleted): one
+    # query over the waiting rows only.
+    repaired = dispatch.repair_flights(s, now=now, window=policy.window)
+    events["flight_repair"] += len(repaired)
+    out.extend(repaired)
     for run in q.running_runs(s):
         if not dispatch.finish_run_if_done(s, run.id, now=now):
             out.extend(dispatch.fill_window(s, run.id, window=policy.window, now=now))

@@ -18,6 +18,8 @@ __all__ = [
     "Resources",
     "RunHandle",
     "Settings",
+    "StepContext",
+    "get_step_context",
     "load_settings",
     "pipeline",
     "register_materializer",
@@ -39,6 +41,8 @@ _LAZY = {
     "register_materializer": "zenml_workers.sdk.materializers.registry",
     "Settings": "zenml_workers.settings",
     "load_settings": "zenml_workers.settings",
+    "StepContext": "zenml_workers.sdk.step_context",
+    "get_step_context": "zenml_workers.sdk.step_context",
 }
 
 if TYPE_CHECKING:
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
     from zenml_workers.sdk.resources import Resources, ResourceSettings
     from zenml_workers.sdk.runner import RunHandle, submit
     from zenml_workers.sdk.step import step, trainer
+    from zenml_workers.sdk.step_context import StepContext, get_step_context
     from zenml_workers.settings import Settings, load_settings
 
 

@@ -27,10 +27,12 @@ __all__ = [
     "ArtifactStoreError",
     "ArtifactStoreUnavailableError",
     "BrokerUnavailableError",
+    "CacheError",
     "CodeIntegrityError",
     "ConfigurationError",
     "DefinitionError",
     "ExecutionError",
+    "ExperimentTrackerError",
     "InfrastructureError",
     "MaterializerError",
     "MetadataStoreError",
@@ -38,9 +40,13 @@ __all__ = [
     "NoWorkerForQueueError",
     "NotFoundError",
     "PipelineDefinitionError",
+    "ReproduceError",
     "RunCancelledError",
     "RunFailedError",
     "RunTimeoutError",
+    "StackRecordError",
+    "StackComponentError",
+    "StepContextError",
     "StepDefinitionError",
     "StepFailedError",
     "StepTimeoutError",
@@ -65,6 +71,18 @@ class PipelineDefinitionError(DefinitionError):
 
 class ConfigurationError(ZenMLWorkersError):
     """Raised when settings or a stack file are invalid or name something unknown."""
+
+
+class StackRecordError(ConfigurationError):
+    """Raised when a stack record cannot be registered, imported, shared or deleted: a literal
+    secret where a reference belongs, a bad component, a taken name, or a user who is not
+    its owner. Nothing is written."""
+
+
+class CacheError(ZenMLWorkersError, ValueError):
+    """Raised when a cache listing, clearing or garbage collection is asked something it
+    cannot do (an age that is not a period, a run that does not exist), or when ``gc`` kept
+    losing races with runs planned while it deleted. Nothing is deleted in either case."""
 
 
 class MaterializerError(ZenMLWorkersError):
@@ -116,6 +134,11 @@ class RunTimeoutError(ExecutionError):
     """Raised by ``wait(timeout_s=...)`` when the run did not finish in time."""
 
 
+class ReproduceError(ExecutionError):
+    """Raised when a run cannot be retried or rerun as asked: a completed run retried, a run
+    still going retried or rerun. Nothing is written."""
+
+
 class NoWorkerForQueueError(ExecutionError):
     """Raised or reported when steps wait on a queue that no live worker consumes."""
 
@@ -137,3 +160,18 @@ class StoreMismatchError(ExecutionError):
     """Raised when a worker refuses a step message planned in another metadata store than its
     own (the client and the workers have different ``ZW_METADATA_URL``), and by ``wait()`` on
     timeout when workers refused the run's steps for that reason."""
+
+
+class StackComponentError(ExecutionError):
+    """Raised when a stack component (an experiment tracker, a data validator...) cannot do
+    its part of a step: it is not installed on the worker or its server cannot be reached."""
+
+
+class ExperimentTrackerError(StackComponentError):
+    """Raised when a step's experiment tracker (MLflow) cannot start the step's tracking run,
+    before the step's own code runs; the step fails and its retries apply."""
+
+
+class StepContextError(ExecutionError, RuntimeError):
+    """Raised by ``get_step_context()`` outside a running step (a step called as a plain
+    function, or code that runs outside any step)."""

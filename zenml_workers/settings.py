@@ -2,8 +2,9 @@
 
 Built once at the edge (``submit()``, the CLI, worker start-up) and passed down.
 A *stack* says which broker, artifact store and metadata store to use; teams
-share one as a TOML file (``ZW_STACK_FILE``) so everyone sees the same runs,
-artifacts and cache.
+share one as a TOML file (``ZW_STACK_FILE``) or as a stack record in the metadata
+store (``zw stack register/share/set``, see :mod:`zenml_workers.sdk.stacks`) so
+everyone sees the same runs, artifacts and cache.
 """
 
 from __future__ import annotations
@@ -284,13 +285,21 @@ class Settings(BaseSettings):
         }
 
     def describe(self) -> dict[str, Any]:
-        """The stack as recorded on each run (credentials left out)."""
+        """The stack as recorded on each run (credentials left out), with its optional
+        components (``experiment_tracker``...), which workers build from this record.
+
+        Raises:
+            ConfigurationError: an optional component's setting is invalid.
+        """
+        from zenml_workers.components.registry import component_records
+
         return {
             "stack": self.stack_name,
             "orchestrator": "local" if self.is_embedded else "celery",
             "metadata_url": redact_url(self.resolved_metadata_url()),
             "artifact_uri": self.resolved_artifact_uri(),
             "broker_url": None if self.is_embedded else str(self.broker_url),
+            **component_records(self),
         }
 
     # -- TLS -------------------------------------------------------------------------------
@@ -436,12 +445,23 @@ class Settings(BaseSettings):
         return args
 
 
-def load_settings(stack_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
-    """Build the settings: ``overrides`` > ``ZW_*`` environment > stack file > defaults.
+def load_settings(
+    stack_file: str | os.PathLike[str] | None = None,
+    *,
+    apply_active_stack: bool = True,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings: ``overrides`` > ``ZW_*`` environment > stack file > active stack
+    record > defaults.
+
+    The active stack record is the one ``zw stack set`` named in ``$ZW_HOME/active-stack``;
+    only then is the metadata store read (once per process). ``apply_active_stack=False``
+    leaves it out (the ``zw stack`` commands, which must work while it is broken).
 
     Raises:
         ConfigurationError: the stack file is missing, is not valid TOML, or has
-            unknown or mistyped keys; or an environment variable has a bad value.
+            unknown or mistyped keys; or an environment variable has a bad value; or the
+            active stack record is not visible, or a secret it refers to is not set here.
     """
     path = stack_file or os.environ.get("ZW_STACK_FILE")
     file_values: dict[str, Any] = {}
@@ -450,16 +470,41 @@ def load_settings(stack_file: str | os.PathLike[str] | None = None, **overrides:
     env_keys = {k[3:].lower() for k in os.environ if k.startswith("ZW_")} - {"stack_file"}
     merged = {k: v for k, v in file_values.items() if k not in env_keys}
     merged.update(overrides)
+    settings = _build_settings(merged, path=path, file_values=file_values)
+    if not apply_active_stack:
+        return settings
+    from zenml_workers.sdk.stacks import active_stack_name, active_stack_values
+
+    active = active_stack_name(settings.home)
+    if active is None:
+        return settings
+    record_values = active_stack_values(settings, active, skip=env_keys | set(merged))
+    return _build_settings(
+        {**record_values, **merged},
+        path=path,
+        file_values=file_values,
+        record=(active, set(record_values)),
+    )
+
+
+def _build_settings(
+    values: dict[str, Any],
+    *,
+    path: str | os.PathLike[str] | None,
+    file_values: dict[str, Any],
+    record: tuple[str, set[str]] | None = None,
+) -> Settings:
     try:
-        return Settings(**merged)
+        return Settings(**values)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "settings"
-        source = (
-            f"stack file {path}"
-            if path and where in file_values
-            else f"ZW_{where.upper()} or its argument"
-        )
+        if path and where in file_values:
+            source = f"stack file {path}"
+        elif record and where in record[1]:
+            source = f"stack record {record[0]!r} (`zw stack describe {record[0]}`)"
+        else:
+            source = f"ZW_{where.upper()} or its argument"
         raise ConfigurationError(
             f"invalid setting {where!r} ({err['msg']}); fix it in {source}"
         ) from e

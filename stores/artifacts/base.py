@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
@@ -295,6 +295,17 @@ class ArtifactStore(ABC):
         Raises:
             ArtifactStoreError: If ``uri`` has another scheme or the store cannot be asked.
         """
+
+    def lost(self, refs: Sequence[Any]) -> set[str]:
+        """Ids of ``refs`` (anything with ``id`` and ``uri``) whose object is gone from this
+        store: a cache hit on them is not offered. One lookup per object; objects outside
+        this store's root are not judged (kept).
+
+        Raises:
+            ArtifactStoreError: If the store cannot be asked.
+        """
+        root = self.root_uri.rstrip("/") + "/"
+        return {r.id for r in refs if r.uri.startswith(root) and not self.exists(r.uri)}
 
     @abstractmethod
     def delete(self, uri: str) -> None:

@@ -9,6 +9,7 @@ two processes race, exactly one sees a row count of 1.
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -154,10 +155,15 @@ def list_pipelines(s: Session) -> list[PipelineRow]:
     return list(s.execute(select(PipelineRow).order_by(PipelineRow.name)).scalars())
 
 
-def list_runs(s: Session, *, pipeline: str | None = None, limit: int = 50) -> list[RunRow]:
+def list_runs(
+    s: Session, *, pipeline: str | None = None, user: str | None = None, limit: int = 50
+) -> list[RunRow]:
+    """The newest runs, of one pipeline and/or one user's when given."""
     q = select(RunRow).order_by(RunRow.created_at.desc()).limit(limit)
     if pipeline is not None:
         q = q.where(RunRow.pipeline_name == pipeline)
+    if user is not None:
+        q = q.where(RunRow.user == user)
     return list(s.execute(q).scalars())
 
 
@@ -284,8 +290,12 @@ def complete_attempt(
     ended_at: float,
     logs: str = "",
     step_metadata: dict[str, Any] | None = None,
+    cache_expires_at: float | None = None,
 ) -> str | None:
-    """Mark attempt ``attempt`` completed; returns the run's status, or None when the lease was lost."""
+    """Mark attempt ``attempt`` completed; returns the run's status, or None when the lease was lost.
+
+    ``cache_expires_at`` (epoch seconds, None: never) ends the time its outputs are a cache hit.
+    """
     return (
         s.connection()
         .execute(
@@ -296,6 +306,7 @@ def complete_attempt(
                 "ended_at": ended_at,
                 "logs": logs,
                 "step_metadata": step_metadata,
+                "expires_at": cache_expires_at,
             },
         )
         .scalar()
@@ -495,13 +506,18 @@ def waiting_queues(s: Session, run_id: str | None = None) -> dict[str, list[tupl
 # -- caching --------------------------------------------------------------------------------
 
 
-def cache_hits(s: Session, keys: Iterable[str]) -> dict[str, CacheHit]:
-    """The newest completed (never cached) step run for each cache key, with its outputs."""
+def cache_hits(s: Session, keys: Iterable[str], *, now: float | None = None) -> dict[str, CacheHit]:
+    """The newest completed (never cached) step run for each cache key, with its outputs.
+
+    A step run whose ``cache_expires_at`` is not after ``now`` (epoch seconds, default the
+    clock) or with an output marked corrupt or missing is never offered (one query).
+    """
     keys = list(keys)
     if not keys:
         return {}
     hits: dict[str, CacheHit] = {}
-    for r in s.connection().execute(sql.CACHE_HITS, {"keys": keys}):
+    at = time.time() if now is None else now
+    for r in s.connection().execute(sql.CACHE_HITS, {"keys": keys, "now": at}):
         hit = hits.get(r.cache_key)
         if hit is None or (hit.step_run_id != r.id and (r.ended_at or 0) > hit.ended_at):
             hit = hits[r.cache_key] = CacheHit(r.id, r.run_id, r.ended_at or 0.0, {})

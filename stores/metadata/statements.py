@@ -19,6 +19,7 @@ from sqlalchemy import (
     bindparam,
     cast,
     func,
+    or_,
     select,
     update,
 )
@@ -138,7 +139,8 @@ OUTPUTS = (
 )
 _CORRUPT_LINEAGE = LINEAGE.alias("corrupt_lineage")
 _CORRUPT_ARTIFACTS = ARTIFACTS.alias("corrupt_artifacts")
-#: The step run has an output that a load found corrupt (``artifacts.corrupted_at`` set).
+#: The step run has an output that a load found corrupt (``artifacts.corrupted_at`` set) or
+#: whose object was found gone (``missing_at``, set by ``zw gc --check`` or a cache-hit check).
 #: Aliased tables, so the subquery correlates to ``step_runs`` only, not to the outer join.
 HAS_CORRUPT_OUTPUT = (
     select(_CORRUPT_LINEAGE.c.artifact_id)
@@ -150,12 +152,16 @@ HAS_CORRUPT_OUTPUT = (
     .where(
         _CORRUPT_LINEAGE.c.step_run_id == STEPS.c.id,
         _CORRUPT_LINEAGE.c.direction == OUTPUT,
-        _CORRUPT_ARTIFACTS.c.corrupted_at.is_not(None),
+        or_(
+            _CORRUPT_ARTIFACTS.c.corrupted_at.is_not(None),
+            _CORRUPT_ARTIFACTS.c.missing_at.is_not(None),
+        ),
     )
     .exists()
 )
-#: Completed step runs per cache key with their outputs; a run with a corrupt output is no
-#: hit at all (an older good one may be), so the step runs again instead of reusing it.
+#: Completed step runs per cache key with their outputs; a run with a corrupt or lost output,
+#: or whose ``cache_expires_at`` (``cache_expires_after``, ``zw cache clear``) is not after
+#: ``now``, is no hit at all (an older good one may be), so the step runs again.
 CACHE_HITS = (
     select(
         STEPS.c.cache_key,
@@ -177,10 +183,12 @@ CACHE_HITS = (
     .where(
         STEPS.c.cache_key.in_(bindparam("keys", expanding=True)),
         STEPS.c.status == StepStatus.COMPLETED.value,
+        or_(STEPS.c.cache_expires_at.is_(None), STEPS.c.cache_expires_at > bindparam("now")),
         ~HAS_CORRUPT_OUTPUT,
     )
 )
-#: Settle a just-unblocked step: ``ready``, or ``cached`` with its origin (both leave ``pending``).
+#: Settle a just-unblocked step: ``ready``, ``cached`` with its origin, or ``waiting`` for the
+#: step run computing its cache key (all leave ``pending``).
 SET_STEP = (
     update(STEPS)
     .where(
@@ -194,6 +202,7 @@ SET_STEP = (
         cache_ingredients=bindparam("cache_ingredients"),
         cached_from_run_id=bindparam("cached_from_run_id"),
         cached_from_step_run_id=bindparam("cached_from_step_run_id"),
+        waits_for=bindparam("waits_for"),
         started_at=bindparam("started_at"),
         ended_at=bindparam("ended_at"),
     )
@@ -212,6 +221,7 @@ COMPLETE = (
         ended_at=bindparam("ended_at"),
         logs=bindparam("logs"),
         step_metadata=bindparam("step_metadata"),
+        cache_expires_at=bindparam("expires_at"),
         exception="",
         traceback="",
     )

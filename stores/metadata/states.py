@@ -21,11 +21,14 @@ class StepStatus(StrEnum):
     """State of one step invocation inside a run.
 
     ``pending`` waits on upstream steps, ``ready`` waits for a slot in the run's
-    broker window, ``queued`` is on the broker, ``running`` holds a lease.
+    broker window, ``queued`` is on the broker, ``running`` holds a lease. ``waiting``
+    waits for another step run with the same cache key to commit (single-flight, see
+    ``step_runs.waits_for``): it is not on the broker and holds no lease.
     """
 
     PENDING = "pending"
     READY = "ready"
+    WAITING = "waiting"
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"
@@ -47,6 +50,9 @@ class Move(StrEnum):
 
     SETTLE_READY = "settle_ready"  # all inputs exist, no cache hit
     SETTLE_CACHED = "settle_cached"  # all inputs exist, outputs linked from a cache hit
+    SETTLE_WAIT = "settle_wait"  # all inputs exist, the same cache key is being computed elsewhere
+    LAND = "land"  # the step it waited for committed: its outputs are linked (cached)
+    TAKE_FLIGHT = "take_flight"  # the step it waited for ended without outputs: it computes
     QUEUE = "queue"  # into the run's broker window
     RESEND = "resend"  # the same attempt sent again (lost message); restarts its clock
     CLAIM = "claim"  # a worker starts an attempt
@@ -72,13 +78,16 @@ _TERMINAL_STEP = frozenset(
 )
 
 #: Steps that are not finished and may still be started; cancelled or skipped when the run ends early.
-UNSTARTED = (StepStatus.PENDING, StepStatus.READY, StepStatus.QUEUED)
+UNSTARTED = (StepStatus.PENDING, StepStatus.READY, StepStatus.WAITING, StepStatus.QUEUED)
 
 _S = StepStatus
 #: The state table: each move, the statuses it may start from, and the status it ends in.
 MOVES: dict[Move, tuple[frozenset[StepStatus], StepStatus]] = {
     Move.SETTLE_READY: (frozenset({_S.PENDING}), _S.READY),
     Move.SETTLE_CACHED: (frozenset({_S.PENDING}), _S.CACHED),
+    Move.SETTLE_WAIT: (frozenset({_S.PENDING}), _S.WAITING),
+    Move.LAND: (frozenset({_S.WAITING}), _S.CACHED),
+    Move.TAKE_FLIGHT: (frozenset({_S.WAITING}), _S.READY),
     Move.QUEUE: (frozenset({_S.READY}), _S.QUEUED),
     Move.RESEND: (frozenset({_S.QUEUED}), _S.QUEUED),
     Move.CLAIM: (frozenset({_S.QUEUED}), _S.RUNNING),

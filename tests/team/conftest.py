@@ -54,7 +54,8 @@ class Team:
 
     def settings(self, user: str = "tester", **overrides: Any) -> Any:
         """Client settings for ``user`` in this process (for checks, not for teammates)."""
-        return settings_from_env(self.user_env(user), **overrides)
+        # ZW_SKIP_GPU_CHECK is the workers' setting, not the client's.
+        return settings_from_env(self.user_env(user), exclude=("ZW_SKIP_GPU_CHECK",), **overrides)
 
     def run_as(
         self,

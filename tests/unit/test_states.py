@@ -41,6 +41,10 @@ def test_states_terminal_status_never_changes(status: StepStatus) -> None:
         (StepStatus.RUNNING, StepStatus.PENDING),
         (StepStatus.COMPLETED, StepStatus.QUEUED),
         (StepStatus.CANCELLED, StepStatus.QUEUED),
+        (StepStatus.WAITING, StepStatus.RUNNING),  # a waiter computes only after taking over
+        (StepStatus.WAITING, StepStatus.QUEUED),
+        (StepStatus.WAITING, StepStatus.COMPLETED),
+        (StepStatus.RUNNING, StepStatus.WAITING),
     ],
 )
 def test_states_illegal_transitions_are_refused(src: StepStatus, dst: StepStatus) -> None:
@@ -87,6 +91,23 @@ def test_states_unstarted_are_the_sources_of_skip() -> None:
     assert sorted(st.value for st in UNSTARTED) == sources(Move.SKIP)
 
 
-def test_states_both_settle_moves_share_their_source() -> None:
-    # SET_STEP settles to ready or cached in one executemany, guarded once.
-    assert sources(Move.SETTLE_READY) == sources(Move.SETTLE_CACHED)
+def test_states_every_settle_move_shares_its_source() -> None:
+    # SET_STEP settles to ready, cached or waiting in one executemany, guarded once.
+    assert sources(Move.SETTLE_READY) == sources(Move.SETTLE_CACHED) == sources(Move.SETTLE_WAIT)
+
+
+def test_states_a_waiting_step_lands_cached_takes_over_or_ends_with_its_run() -> None:
+    assert STEP_TRANSITIONS[StepStatus.WAITING] == {
+        StepStatus.CACHED,
+        StepStatus.READY,
+        StepStatus.SKIPPED,
+        StepStatus.CANCELLED,
+    }
+    assert not StepStatus.WAITING.is_terminal()
+    assert StepStatus.WAITING in UNSTARTED
+
+
+def test_states_flight_statements_are_guarded_by_their_move() -> None:
+    from stores.metadata import flights as fl
+
+    assert _where_statuses(fl._LAND) == {*sources(Move.LAND), target(Move.LAND)}

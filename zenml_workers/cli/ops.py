@@ -1,4 +1,4 @@
-"""``zw dead-letters`` and ``zw stack``: what the broker dropped, and the active stack."""
+"""``zw dead-letters``: what the broker dropped (``zw stack`` lives in ``cli/stacks.py``)."""
 
 from __future__ import annotations
 
@@ -38,11 +38,3 @@ def dead_letters(ctx: click.Context, limit: int, clear: bool) -> None:
             click.echo(f"cleared {dead.clear()} record(s) from {DEAD_LETTER_KEY}")
     finally:
         dead.client.close()
-
-
-@cli.command()
-@click.pass_context
-def stack(ctx: click.Context) -> None:
-    """Show the active stack (credentials hidden)."""
-    for key, value in settings_of(ctx).describe().items():
-        click.echo(f"{key}: {value}")

@@ -14,9 +14,10 @@ if TYPE_CHECKING:
 
 @cli.command()
 @click.option("--pipeline", "-p", default=None)
+@click.option("--user", "-u", default=None, help="Only this user's runs (their ZW_USER).")
 @click.option("--limit", type=int, default=20, show_default=True)
 @click.pass_context
-def runs(ctx: click.Context, pipeline: str | None, limit: int) -> None:
+def runs(ctx: click.Context, pipeline: str | None, user: str | None, limit: int) -> None:
     """List recent runs: who ran them, how they ended, how long they took."""
     from rich import box
     from rich.console import Console
@@ -35,7 +36,7 @@ def runs(ctx: click.Context, pipeline: str | None, limit: int) -> None:
     table.add_column("cached", justify="right", no_wrap=True)
     table.add_column("created (UTC)", no_wrap=True)
     table.add_column("duration", justify="right", no_wrap=True)
-    for run in Client(settings_of(ctx)).list_runs(pipeline=pipeline, limit=limit):
+    for run in Client(settings_of(ctx)).list_runs(pipeline=pipeline, user=user, limit=limit):
         cached = sum(1 for s in run.steps.values() if s.is_cached)
         table.add_row(
             run.id[:8],
@@ -47,7 +48,10 @@ def runs(ctx: click.Context, pipeline: str | None, limit: int) -> None:
             when(run.created_at)[:16],
             "-" if run.duration_s is None else duration(run.duration_s),
         )
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=100)  # piped: not rich's 80 columns
+    console.print(table)
 
 
 @cli.command()
@@ -73,6 +77,10 @@ def show(ctx: click.Context, run_id: str) -> None:
     )
     who = f"by {run.user or '-'}, {_git_text(run.environment.get('git') or {})}"
     console.print(who, markup=False, highlight=False)
+    if run.origin:
+        from zenml_workers.cli.reproduce import origin_text
+
+        console.print(origin_text(run.origin), markup=False, highlight=False)
     if run.status == "running":
         for queue, steps in RunHandle(run.id, stack).blocked_queues().items():
             console.print(
@@ -96,6 +104,18 @@ def show(ctx: click.Context, run_id: str) -> None:
             ", ".join(st.outputs),
         )
     console.print(table)
+    for st in run.steps.values():
+        if st.tracker is not None:
+            # One line per tracked step, so the id can be copied into MLflow's UI or client.
+            where = st.tracker.url or st.tracker.tracking_uri
+            console.print(
+                f"MLflow run of step {st.invocation_id}: {st.tracker.run_id} "
+                f"(parent {st.tracker.parent_run_id}, experiment {st.tracker.experiment_id}) "
+                f"at {where}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
     for line in _cost_lines(run.cost):
         console.print(line, highlight=False, soft_wrap=True)
 

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from scheduler.specs import PipelineSpec
-from zenml_workers.components.client import TrackingMixin
+from zenml_workers.components.client import TrackerRun, TrackingMixin
 from zenml_workers.errors import ArtifactIntegrityError, NotFoundError
 from zenml_workers.sdk.cache_admin import CacheMixin
 from zenml_workers.sdk.reproduce import ReproduceMixin
@@ -25,6 +25,8 @@ from zenml_workers.sdk.stacks import StacksMixin
 if TYPE_CHECKING:
     from datetime import datetime, timedelta
 
+    from zenml_workers.sdk.recorded import RecordedPipeline
+    from zenml_workers.sdk.runner import RunHandle
     from zenml_workers.settings import Settings
 
 
@@ -143,6 +145,12 @@ class StepRunView:
         return self.status == "cached"
 
     @property
+    def tracker(self) -> TrackerRun | None:
+        """Its run in the stack's experiment tracker (``.run_id`` is the MLflow run id), or
+        None for a step that was not tracked."""
+        return TrackerRun.of(self.metadata)
+
+    @property
     def duration_s(self) -> float | None:
         if self.started_at is None or self.ended_at is None:
             return None
@@ -165,6 +173,8 @@ class RunView:
     config: Mapping[str, Any]
     environment: Mapping[str, Any]
     steps: Mapping[str, StepRunView]
+    #: What it came from: ``{"kind": "retry" | "rerun" | "copy", "run_id": ..., ...}``, or None.
+    origin: Mapping[str, Any] | None = None
 
     @property
     def duration_s(self) -> float | None:
@@ -207,6 +217,33 @@ class PipelineView:
             raise NotFoundError(f"pipeline {self.name!r} has no runs yet")
         return runs[0]
 
+    def recorded(self) -> RecordedPipeline:
+        """The pipeline as its latest run recorded it (spec and code, no source needed).
+
+        Raises:
+            NotFoundError: it has no run yet, or its code is missing from the store.
+        """
+        from zenml_workers.sdk.recorded import RecordedPipeline
+
+        return RecordedPipeline.latest(self._client._stack, self.name)
+
+    def copy(self, new_name: str, *, replace: Mapping[str, Any] | None = None) -> RecordedPipeline:
+        """A copy named ``new_name`` with steps swapped (``{"evaluate": evaluate_balanced}``),
+        from the latest run's spec and code; see :meth:`RecordedPipeline.copy`.
+
+        Raises:
+            PipelineDefinitionError: a replacement's signature does not fit the wiring.
+        """
+        return self.recorded().copy(new_name, replace=replace)
+
+    def submit(self, **params: Any) -> RunHandle:
+        """Run it again from its latest recorded spec and code and return at once."""
+        return self.recorded().submit(**params)
+
+    def __call__(self, **params: Any) -> RunView:
+        """Run it again from its latest recorded spec and code and wait for the end."""
+        return self.recorded()(**params)
+
 
 class Client(StacksMixin, CacheMixin, ReproduceMixin, TrackingMixin):
     """Entry point to everything recorded on a stack.
@@ -235,11 +272,15 @@ class Client(StacksMixin, CacheMixin, ReproduceMixin, TrackingMixin):
         with self._stack.metadata.read() as s:
             return [p.name for p in q.list_pipelines(s)]
 
-    def list_runs(self, *, pipeline: str | None = None, limit: int = 50) -> list[RunView]:
+    def list_runs(
+        self, *, pipeline: str | None = None, user: str | None = None, limit: int = 50
+    ) -> list[RunView]:
+        """The newest runs first, of one pipeline and/or one user (``ZW_USER`` or the login
+        name of whoever submitted) when given."""
         from stores.metadata import queries as q
 
         with self._stack.metadata.read() as s:
-            ids = [r.id for r in q.list_runs(s, pipeline=pipeline, limit=limit)]
+            ids = [r.id for r in q.list_runs(s, pipeline=pipeline, user=user, limit=limit)]
         return [self.get_run(i) for i in ids]
 
     def get_run(self, run_id: str) -> RunView:
@@ -342,6 +383,7 @@ class Client(StacksMixin, CacheMixin, ReproduceMixin, TrackingMixin):
             config=MappingProxyType(dict(row.config or {})),
             environment=MappingProxyType(dict(row.environment or {})),
             steps=MappingProxyType(step_views),
+            origin=MappingProxyType(dict(row.origin)) if row.origin else None,
         )
 
     def usage(
@@ -492,6 +534,12 @@ class Client(StacksMixin, CacheMixin, ReproduceMixin, TrackingMixin):
             assert row is not None
             if row.status == "cached":
                 return [f"cache hit: reused the outputs of run {row.cached_from_run_id}"]
+            owner = s.get(StepRunRow, row.waits_for) if row.status == "waiting" else None
+            if owner is not None:
+                return [
+                    f"waiting for run {owner.run_id} step {owner.invocation_id}, which computes "
+                    "the same cache key; its outputs are reused when it commits"
+                ]
             if not row.cache_ingredients:
                 return ["the step never became ready, so no cache key was computed"]
             previous = q.previous_step_runs(
@@ -505,7 +553,10 @@ class Client(StacksMixin, CacheMixin, ReproduceMixin, TrackingMixin):
         )
         reasons = cache.explain(best.cache_ingredients if best else None, current)
         if not reasons:
-            return ["same cache key as an earlier run, but caching was disabled for this step"]
+            from zenml_workers.sdk.cache_admin import why_not_offered
+
+            at = row.queued_at or run_view.created_at  # when its cache hit was decided
+            return [why_not_offered(self._stack, row.cache_key or "", at=at)]
         return reasons
 
     def _artifact_view(self, art: Any) -> ArtifactView:

@@ -383,36 +383,45 @@ class BuildContext:
         specs: list[StepSpec] = []
         code: dict[str, CodeBlob] = {}
         for inv_id in self.topological_order(ups):
-            inv = self.invocations[inv_id]
-            step = inv.step
-            cfg = step.config
-            merged = {**self.settings, **(cfg.settings or {})}
-            try:
-                settings = settings_to_json(merged, cfg.resources)
-                queue = resolve_queue(cfg.step_type, cfg.queue, cfg.resources, merged)
-            except (TypeError, ValueError) as e:
-                raise self.error(inv_id, f"its settings are invalid ({e})") from e
-            blob, inherit = step.code_blob(), self.enable_cache
+            spec, blob = self.freeze(self.invocations[inv_id], tuple(sorted(ups[inv_id])))
             code.setdefault(blob.code_hash, blob)
-            specs.append(
-                StepSpec(
-                    invocation_id=inv_id,
-                    name=step.name,
-                    code_hash=blob.code_hash,
-                    source_hash=step.source_hash,
-                    inputs=tuple(inv.inputs),
-                    parameters=inv.parameters,
-                    upstream=tuple(sorted(ups[inv_id])),
-                    outputs=step.output_specs(),
-                    queue=queue,
-                    step_type=cfg.step_type,
-                    enable_cache=inherit if cfg.enable_cache is None else cfg.enable_cache,
-                    retries=cfg.retries,
-                    timeout_s=cfg.timeout_s,
-                    settings=settings,
-                )
-            )
+            specs.append(spec)
         return tuple(specs), code
+
+    def freeze(self, inv: Invocation, upstream: tuple[str, ...]) -> tuple[StepSpec, CodeBlob]:
+        """One recorded call as a ``StepSpec`` (upstream ids given) and its step's code blob.
+
+        Raises:
+            PipelineDefinitionError: when the step's settings are invalid.
+        """
+        step = inv.step
+        cfg = step.config
+        merged = {**self.settings, **(cfg.settings or {})}
+        try:
+            settings = settings_to_json(merged, cfg.resources)
+            queue = resolve_queue(cfg.step_type, cfg.queue, cfg.resources, merged)
+        except (TypeError, ValueError) as e:
+            raise self.error(inv.id, f"its settings are invalid ({e})") from e
+        blob, inherit = step.code_blob(), self.enable_cache
+        spec = StepSpec(
+            invocation_id=inv.id,
+            name=step.name,
+            code_hash=blob.code_hash,
+            source_hash=step.source_hash,
+            inputs=tuple(inv.inputs),
+            parameters=inv.parameters,
+            upstream=upstream,
+            outputs=step.output_specs(),
+            queue=queue,
+            step_type=cfg.step_type,
+            enable_cache=inherit if cfg.enable_cache is None else cfg.enable_cache,
+            retries=cfg.retries,
+            timeout_s=cfg.timeout_s,
+            settings=settings,
+            cache_expires_after_s=cfg.cache_expires_after_s,
+            experiment_tracker=cfg.experiment_tracker,
+        )
+        return spec, blob
 
 
 def current_build() -> BuildContext | None:

@@ -32,7 +32,17 @@ MIN_INTERVAL_S = 0.25
 NAMED = 3
 
 #: Count labels in display order; ``ready`` steps count as ``pending`` (neither is on a queue).
-_LABELS = ("completed", "cached", "running", "queued", "pending", "failed", "skipped", "cancelled")
+_LABELS = (
+    "completed",
+    "cached",
+    "running",
+    "queued",
+    "waiting",
+    "pending",
+    "failed",
+    "skipped",
+    "cancelled",
+)
 _LABEL_OF = {"ready": "pending"}
 _FINISHED = frozenset({"completed", "cached", "failed", "skipped", "cancelled"})
 _COLOURS = {
@@ -40,6 +50,7 @@ _COLOURS = {
     "cached": "#00838f",
     "running": "#1565c0",
     "queued": "#6a1b9a",
+    "waiting": "#6a1b9a",
     "failed": "#c62828",
     "skipped": "#8d6e63",
     "cancelled": "#8d6e63",
@@ -54,6 +65,8 @@ class StepState:
     status: str
     queue: str
     worker: str | None = None
+    #: A ``waiting`` step's owner: (run id, invocation id) of the step computing its cache key.
+    waits_for: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +177,12 @@ def wait_reasons(snapshot: Snapshot) -> list[str]:
         for queue in sorted(queued):
             head = f"queue {queue!r}: {_plural(queued[queue], 'step')} waiting"
             reasons.append(f"{head}; {_consumers(snapshot, queue)}")
+    for st in snapshot.steps:
+        if st.status == "waiting" and st.waits_for is not None:
+            reasons.append(
+                f"step {st.invocation_id} waits for {_job(snapshot, *st.waits_for)} "
+                "(same cache key): it reuses that step's outputs when it commits"
+            )
     ready = sum(1 for st in snapshot.steps if st.status == "ready")
     in_flight = running + sum(queued.values())
     if ready and snapshot.window and in_flight >= snapshot.window:
@@ -318,6 +337,7 @@ def read_snapshot(stack: Stack, run_id: str, *, now: float | None = None) -> Sna
     now = time.time() if now is None else now
     settings = stack.settings
     s_, r_ = q.STEPS.c, q.RUNS.c
+    owner = q.STEPS.alias("owner")
     embedded = settings.is_embedded
     with stack.metadata.read() as s:
         rows = s.execute(
@@ -330,8 +350,11 @@ def read_snapshot(stack: Stack, run_id: str, *, now: float | None = None) -> Sna
                 s_.queue,
                 s_.worker_host,
                 s_.worker_pid,
+                owner.c.run_id.label("owner_run_id"),
+                owner.c.invocation_id.label("owner_invocation_id"),
             )
             .join(q.RUNS, r_.id == s_.run_id)
+            .outerjoin(owner, owner.c.id == s_.waits_for)
             .where(s_.run_id == run_id)
             .order_by(s_.position)
         ).all()
@@ -348,6 +371,7 @@ def read_snapshot(stack: Stack, run_id: str, *, now: float | None = None) -> Sna
             (f"local process {r.worker_pid}" if r.worker_pid else None)
             if embedded
             else r.worker_host,
+            (r.owner_run_id, r.owner_invocation_id) if r.owner_run_id else None,
         )
         for r in rows
     )

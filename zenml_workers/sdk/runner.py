@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from zenml_workers.sdk.stack import Stack, get_stack
 
 if TYPE_CHECKING:
     from zenml_workers.sdk.client import RunView
-    from zenml_workers.sdk.pipeline import Pipeline
+    from zenml_workers.sdk.pipeline import BuiltPipeline, Pipeline
     from zenml_workers.settings import Settings
 
 
@@ -55,11 +56,50 @@ def submit(
             has no signing key (``ZW_SECRET_KEY``).
         MetadataStoreError: the metadata store cannot be reached.
     """
+    built = pipeline.build(**params)
+    return submit_built(
+        built,
+        settings=settings,
+        run_name=run_name,
+        code_dir=source_dir(pipeline.entrypoint),
+        entrypoint=entrypoint_of(pipeline),
+    )
+
+
+def submit_built(
+    built: BuiltPipeline,
+    *,
+    settings: Settings | None = None,
+    run_name: str | None = None,
+    origin: dict[str, Any] | None = None,
+    reuse: Mapping[str, str] | None = None,
+    code_dir: str | None = None,
+    entrypoint: dict[str, str] | None = None,
+) -> RunHandle:
+    """Start a run of an already built spec and its code blobs on the active stack.
+
+    What ``submit()`` does after building, shared with pipelines rebuilt from a recorded run
+    (``zenml_workers.sdk.recorded``), which have a spec and code blobs but no source.
+
+    Args:
+        built: the spec and the code blobs of its steps.
+        settings: the stack to run on (default: ``ZW_*`` environment / stack file).
+        run_name: a name for the run (default: pipeline name and UTC time).
+        origin: what the run came from (``{"kind": "retry" | "rerun" | "copy", ...}``).
+        reuse: invocation id -> step run id of an earlier run whose outputs that step takes
+            when its cache key is the same (a retry), even with caching off.
+        code_dir: folder of the pipeline's code, whose git state is recorded.
+        entrypoint: ``{"module", "qualname"}`` of the pipeline function, when importable.
+
+    Raises:
+        ConfigurationError: a step names a queue the stack does not know, or a cluster stack
+            has no signing key (``ZW_SECRET_KEY``).
+        MetadataStoreError: the metadata store cannot be reached.
+    """
     from scheduler.dispatch import plan_run
     from zenml_workers import environment
 
     stack = get_stack(settings)
-    built = pipeline.build(**params)
     stack.check()
     if not stack.settings.is_embedded:
         from zenml_workers.worker.signing import require_key
@@ -98,6 +138,8 @@ def submit(
         },
         "stack": stack.settings.describe(),
     }
+    if entrypoint:
+        config["entrypoint"] = entrypoint
     blobs = [
         {"code_hash": b.code_hash, "name": b.name, "source": b.source, "pickled": b.pickled}
         for b in built.code.values()
@@ -110,11 +152,14 @@ def submit(
             run_id=run_id,
             run_name=name,
             config=config,
-            environment=environment.capture(_source_dir(pipeline)),
+            environment=environment.capture(code_dir),
             user=stack.settings.user,
             orchestrator=stack.orchestrator.name,
             window=stack.settings.max_queued_per_run,
             now=now,
+            origin=origin,
+            reuse=reuse,
+            verify=stack.artifacts.lost,
         )
     try:
         stack.orchestrator.send(run_id, queued)
@@ -127,16 +172,27 @@ def submit(
     return RunHandle(run_id, stack)
 
 
-def _source_dir(pipeline: Pipeline) -> str | None:
-    """Folder of the file defining the pipeline (its git state is recorded), None in a REPL."""
+def source_dir(fn: Any) -> str | None:
+    """Folder of the file defining ``fn`` (a pipeline's or step's function, whose git state is
+    recorded), None in a REPL."""
     import inspect
     import os
 
     try:
-        path = inspect.getsourcefile(pipeline.entrypoint)
+        path = inspect.getsourcefile(fn)
     except TypeError:
         return None
     return os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+
+
+def entrypoint_of(pipeline: Pipeline) -> dict[str, str] | None:
+    """Module and qualified name of the pipeline function when another process could import
+    it (a retry then uses the current code), else None (``__main__``, a nested function)."""
+    fn = pipeline.entrypoint
+    module, qualname = getattr(fn, "__module__", ""), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or "<" in qualname:
+        return None
+    return {"module": module, "qualname": qualname}
 
 
 def run_pipeline(pipeline: Pipeline, params: dict[str, Any]) -> RunView:

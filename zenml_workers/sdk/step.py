@@ -14,6 +14,7 @@ import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Annotated, Any, TypeVar, get_args, get_origin, overload
 
 from scheduler.specs import OutputSpec
@@ -43,6 +44,39 @@ class StepConfig:
     settings: dict[str, Any] | None = None
     resources: Resources | None = None
     timeout_s: float | None = None
+    #: Seconds its outputs are offered as a cache hit after they are committed (None: always).
+    cache_expires_after_s: float | None = None
+    #: Whether it gets a run in the stack's experiment tracker (None: only a ``@trainer``).
+    experiment_tracker: bool | None = None
+
+
+def expiry_seconds(value: str | timedelta | float | None, step_name: str) -> float | None:
+    """Seconds in ``cache_expires_after``: text such as ``"30m"``, ``"12h"``, ``"7d"`` (units
+    s, m, h, d, w), a ``timedelta`` or a number of seconds; None stays None.
+
+    Raises:
+        StepDefinitionError: ``value`` is not a positive period.
+    """
+    if value is None:
+        return None
+    seconds = -1.0
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        from stores.metadata.usage import parse_period  # SQLAlchemy: only when asked
+
+        try:
+            seconds = parse_period(value)
+        except ValueError:
+            seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise StepDefinitionError(
+            f"step '{step_name}': cache_expires_after={value!r} must be a positive period such "
+            "as '30m', '12h' or '7d' (s, m, h, d, w), a timedelta or a number of seconds"
+        )
+    return seconds
 
 
 def _check_config(cfg: StepConfig) -> None:
@@ -66,6 +100,10 @@ def _check_config(cfg: StepConfig) -> None:
         or cfg.timeout_s <= 0
     ):
         raise bad(f"timeout_s={cfg.timeout_s!r} must be a positive number of seconds or None")
+    if cfg.cache_expires_after_s is not None:
+        expiry_seconds(cfg.cache_expires_after_s, cfg.name)
+    if cfg.experiment_tracker is not None and not isinstance(cfg.experiment_tracker, bool):
+        raise bad(f"experiment_tracker={cfg.experiment_tracker!r} must be True, False or None")
     if cfg.settings is not None and not isinstance(cfg.settings, dict):
         raise bad(f"settings= must be a dict, not {type(cfg.settings).__name__}")
     try:
@@ -270,6 +308,8 @@ class Step:
         resources: Resources | None = _UNSET,
         timeout_s: float | None = _UNSET,
         name: str = _UNSET,
+        cache_expires_after: str | timedelta | float | None = _UNSET,
+        experiment_tracker: bool | None = _UNSET,
     ) -> Step:
         """A copy of this step with some options changed; ``settings`` are merged key by key.
 
@@ -285,9 +325,13 @@ class Step:
                 "resources": resources,
                 "timeout_s": timeout_s,
                 "name": name,
+                "experiment_tracker": experiment_tracker,
             }.items()
             if v is not _UNSET
         }
+        if cache_expires_after is not _UNSET:
+            label = self.name if name is _UNSET else name
+            changes["cache_expires_after_s"] = expiry_seconds(cache_expires_after, label)
         if settings is not _UNSET:
             if settings is not None and not isinstance(settings, dict):
                 raise StepDefinitionError(
@@ -333,6 +377,8 @@ def step(
     timeout_s: float | None = None,
     name: str | None = None,
     step_type: str = "step",
+    cache_expires_after: str | timedelta | float | None = None,
+    experiment_tracker: bool | None = None,
 ) -> Callable[[F], Step]: ...
 def step(
     fn: Callable[..., Any] | None = None,
@@ -346,6 +392,8 @@ def step(
     timeout_s: float | None = None,
     name: str | None = None,
     step_type: str = "step",
+    cache_expires_after: str | timedelta | float | None = None,
+    experiment_tracker: bool | None = None,
 ) -> Step | Callable[[Callable[..., Any]], Step]:
     """Turn a typed function into a :class:`Step`, as ``@step`` or ``@step(retries=2, ...)``.
 
@@ -358,14 +406,19 @@ def step(
         timeout_s: seconds one attempt may run, or None for no limit.
         name: step name; default the function name.
         step_type: ``"step"`` or ``"trainer"`` (use ``@trainer`` for the latter).
+        cache_expires_after: how long its outputs stay a cache hit after they are committed
+            (ZenML's ``expires_after``): ``"7d"``, a ``timedelta`` or seconds; None: always.
+        experiment_tracker: give it a run in the stack's experiment tracker (MLflow), with
+            its parameters and the metrics it logs; None: only ``@trainer`` steps get one.
 
     Raises:
         StepDefinitionError: when the function or an option is invalid.
     """
 
     def decorate(f: Callable[..., Any]) -> Step:
+        label = name if name is not None else getattr(f, "__name__", "")
         config = StepConfig(
-            name=name if name is not None else getattr(f, "__name__", ""),
+            name=label,
             step_type=step_type,
             enable_cache=enable_cache,
             retries=retries,
@@ -373,6 +426,8 @@ def step(
             settings=settings,
             resources=resources,
             timeout_s=timeout_s,
+            cache_expires_after_s=expiry_seconds(cache_expires_after, str(label)),
+            experiment_tracker=experiment_tracker,
         )
         return Step(f, config)
 

@@ -23,6 +23,7 @@ from scheduler.specs import StepSpec, StepTask
 from stores.errors import ArtifactIntegrityError, InfrastructureError
 from stores.metadata import queries as q
 from stores.metadata import workers as w
+from zenml_workers.components.lifecycle import step_scope
 from zenml_workers.errors import CodeIntegrityError, StoreMismatchError, UntrustedInputError
 from zenml_workers.worker.context import WorkerContext, pid_alive
 from zenml_workers.worker.inputs import (
@@ -245,6 +246,7 @@ def _run(
     backoff = ctx.backoff
     what = f"run {row.run_id} step {step.invocation_id}"
     meter = StepMeter.for_step(step)
+    recorded: dict[str, Any] = {}  # what the step context and components record on the step
     with capture_logs(
         store_writer(ctx.metadata, row.id, row.attempt), what=what, final_with_commit=True
     ) as logs:
@@ -260,6 +262,8 @@ def _run(
                 policy=backoff,
             )
             kwargs.update(step.parameters)
+            # Its step context, and the stack components that want it (none for most steps).
+            scope = step_scope(step, row, ctx, recorded)
             log.info(
                 "run %s step %s attempt %d started on %s",
                 row.run_id,
@@ -267,19 +271,20 @@ def _run(
                 row.attempt,
                 ctx.host,
             )
-            # Stop requests (cancel, timeout, hand-back) raise only inside the step's own code.
-            with meter.measuring(), step_body():
-                result = fn(**kwargs)
-            artifacts = store_outputs(
-                step,
-                result,
-                row,
-                row.attempt,
-                ctx.artifacts,
-                written,
-                now=time.time(),
-                backoff=backoff,
-            )
+            with scope:
+                # Stop requests (cancel, timeout, hand-back) raise only inside the step's code.
+                with meter.measuring(), step_body():
+                    result = fn(**kwargs)
+                artifacts = store_outputs(
+                    step,
+                    result,
+                    row,
+                    row.attempt,
+                    ctx.artifacts,
+                    written,
+                    now=time.time(),
+                    backoff=backoff,
+                )
         except Exception as e:
             error, tb = _describe(e), traceback.format_exc()
             # A corrupt input, altered code or an untrusted input fails the same way on every
@@ -289,7 +294,7 @@ def _run(
     # what could not be stored as lines.
     values: dict[str, Any] = {
         "logs": logs.leftover,
-        "step_metadata": {"duration_s": round(time.time() - started, 6)},
+        "step_metadata": {"duration_s": round(time.time() - started, 6), **recorded},
     }
     if logs.final is not None:
         values[dispatch.LOG_LINES] = logs.final
@@ -330,6 +335,7 @@ def _commit(
                 values=values,
                 window=ctx.settings.max_queued_per_run,
                 now=now,
+                verify=ctx.artifacts.lost,
             )
             if follow is None and tries > 1:
                 # The connection broke during an earlier try's COMMIT: it may have landed.

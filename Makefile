@@ -5,6 +5,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Test processes: most integration tests wait on real processes and timers, so two share the
+# 2-core CI machine well (about half the wall time); each file's tests stay in one process,
+# with its own services. PYTEST_WORKERS=0 runs them all in this process.
+PYTEST_WORKERS ?= 2
 
 # Passed through so that a missing service fails the tests in CI instead of skipping them.
 export CI
@@ -37,7 +41,7 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(PYTHON) -m pytest -q tests $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q tests -n $(PYTEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test-unit: setup-python
 	$(PYTHON) -m pytest -q tests/unit $(PYTEST_ARGS)

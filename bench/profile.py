@@ -4,7 +4,7 @@ Not part of the default run (``--only profile``): the tracing itself costs a
 little. For each hand-off from step ``k-1`` to step ``k`` of a chain it splits
 the time, from the traces the worker processes wrote, into:
 
-    commit_sql     dispatch.step_succeeded of k-1 (its statements, before COMMIT)
+    commit_sql     outcomes.step_succeeded of k-1 (its statements, before COMMIT)
     commit         COMMIT of that transaction
     send           publishing step k's task
     publish        the run event on Redis pub/sub

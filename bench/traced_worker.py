@@ -7,7 +7,7 @@ phase boundary to ``$BENCH_TRACE_DIR/<pid>.jsonl``:
 
     task_start / task_end     the Celery task body (zw.step), in the pool process
     claim_start / claim_end   the claim UPDATE inside the first transaction
-    succeeded_start / _end    dispatch.step_succeeded (the commit's statements, before COMMIT)
+    succeeded_start / _end    outcomes.step_succeeded (the commit's statements, before COMMIT)
     execute_end               execute_step returned (COMMIT done)
     send_start / send_end     publishing the follow-up step tasks
     publish_end               the run event published on Redis pub/sub
@@ -56,7 +56,7 @@ def _traced(
 def _install() -> Any:
     import importlib
 
-    from scheduler import dispatch
+    from scheduler import dispatch, outcomes
     from stores.metadata import queries as q
     from zenml_workers.settings import load_settings
     from zenml_workers.worker import execute
@@ -88,8 +88,8 @@ def _install() -> Any:
     if hasattr(q, "claim"):
         q.claim = _traced(q.claim, "claim_start", "claim_end", claim_ids)
     if hasattr(dispatch, "step_succeeded"):
-        dispatch.step_succeeded = _traced(
-            dispatch.step_succeeded, "succeeded_start", "succeeded_end", row_ids
+        outcomes.step_succeeded = _traced(
+            outcomes.step_succeeded, "succeeded_start", "succeeded_end", row_ids
         )
     app_module.send_steps = _traced(app_module.send_steps, "send_start", "send_end", send_ids)
     publish = app_module.RunEvents.publish_idle

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
-from scheduler import dispatch
+from scheduler import dispatch, outcomes
 from scheduler.dispatch import QueuedStep
 from scheduler.lease import LeasePolicy
 from stores.metadata import queries as q
@@ -94,7 +94,7 @@ def recover(
                 row.task_id = task_id
                 events["requeue"] += 1
                 out.append(dispatch.queued_step(s, row))
-        elif dispatch.fail_lost_attempt(
+        elif outcomes.fail_lost_attempt(
             s,
             row.id,
             run_id=row.run_id,
@@ -125,7 +125,7 @@ def recover(
         out.append(dispatch.queued_step(s, row))
     # Waiting steps whose owner ended without settling them (e.g. it was deleted): one
     # query over the waiting rows only.
-    repaired = dispatch.repair_flights(s, now=now, window=policy.window)
+    repaired = outcomes.repair_flights(s, now=now, window=policy.window)
     events["flight_repair"] += len(repaired)
     out.extend(repaired)
     for run in q.running_runs(s):

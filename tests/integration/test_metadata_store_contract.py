@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from scheduler import dispatch
+from scheduler import decisions, dispatch, outcomes
 from scheduler.recovery import RecoveryPolicy, recover
 from scheduler.specs import InputRef, InputSpec, OutputSpec, PipelineSpec, StepSpec
 from stores.errors import MetadataStoreError, NotFoundError
@@ -153,8 +153,8 @@ def succeed(
             if artifacts
             else []
         )
-        edges += dispatch.input_edges(by_id[row.invocation_id], row.id, row.run_id, produced)
-        return dispatch.step_succeeded(
+        edges += decisions.input_edges(by_id[row.invocation_id], row.id, row.run_id, produced)
+        return outcomes.step_succeeded(
             s,
             row,
             attempt=row.attempt,
@@ -213,7 +213,7 @@ def test_claim_is_exclusive_and_refused_after_cancel(store: MetadataStore) -> No
     assert claim(store, queued[0]) is None
 
     with store.transaction() as s:
-        queued_ids, running_ids = dispatch.cancel_run(s, run_id, now=NOW)
+        queued_ids, running_ids = outcomes.cancel_run(s, run_id, now=NOW)
     assert running_ids == [queued[0].task_id] and queued_ids == [queued[1].task_id]
     assert claim(store, queued[1]) is None
     assert statuses(store, run_id) == {"a": "cancelled", "b": "cancelled"}
@@ -283,7 +283,7 @@ def test_failure_retries_then_fails_the_run_and_skips_the_rest(store: MetadataSt
     row = claim(store, queued[0])
     assert row is not None
     with store.transaction() as s:
-        retry = dispatch.step_failed(
+        retry = outcomes.step_failed(
             s, row, attempt=1, error="E: 1", traceback="tb1", values={}, now=NOW
         )
     assert retry is not None and [x.task.invocation_id for x in retry] == ["a"]
@@ -291,7 +291,7 @@ def test_failure_retries_then_fails_the_run_and_skips_the_rest(store: MetadataSt
     assert row is not None and row.attempt == 2
     with store.transaction() as s:
         assert (
-            dispatch.step_failed(
+            outcomes.step_failed(
                 s, row, attempt=2, error="E: 2", traceback="tb2", values={}, now=NOW
             )
             == []
@@ -430,14 +430,14 @@ def test_concurrent_last_steps_close_the_run_exactly_once(store: MetadataStore) 
 
     def finish_first() -> None:
         with store.transaction() as s:
-            dispatch.step_succeeded(s, first, attempt=1, artifacts=[], edges=[], values={}, now=NOW)
+            outcomes.step_succeeded(s, first, attempt=1, artifacts=[], edges=[], values={}, now=NOW)
             first_counted.set()
             second_done.wait(1.0)  # returns False when the second is (correctly) blocked
 
     def finish_second() -> None:
         first_counted.wait(30)
         with store.transaction() as s:
-            dispatch.step_succeeded(
+            outcomes.step_succeeded(
                 s, second, attempt=1, artifacts=[], edges=[], values={}, now=NOW
             )
         second_done.set()

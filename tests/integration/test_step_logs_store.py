@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from scheduler import dispatch
+from scheduler import outcomes
 from scheduler.specs import OutputSpec, PipelineSpec, StepSpec
 from stores.metadata import logs
 from stores.metadata import queries as q
@@ -45,6 +45,9 @@ def _running_step(st: MetadataStore) -> Any:
                 code_hash=CODE_HASH,
                 source_hash="sha256:s",
                 outputs=(OutputSpec("output", "builtins:int", JSON_MAT),),
+                # Each call makes a step of its own: an identical one would wait for the
+                # first (single-flight) instead of being queued.
+                enable_cache=False,
             ),
         ),
     )
@@ -138,17 +141,17 @@ def test_step_logs_append_refuses_a_superseded_attempt(store: MetadataStore) -> 
 
 def test_step_logs_ride_the_transaction_that_ends_the_attempt(store: MetadataStore) -> None:
     done, failed = _running_step(store), _running_step(store)
-    values = {"logs": "", dispatch.LOG_LINES: LogWrite(tuple(_lines(0, 2)), drop=None)}
+    values = {"logs": "", outcomes.LOG_LINES: LogWrite(tuple(_lines(0, 2)), drop=None)}
 
     with store.transaction() as s:
         assert (
-            dispatch.step_succeeded(
+            outcomes.step_succeeded(
                 s, done, attempt=done.attempt, artifacts=[], edges=[], values=values, now=NOW + 1
             )
             is not None
         )
         assert (
-            dispatch.step_failed(
+            outcomes.step_failed(
                 s,
                 failed,
                 attempt=failed.attempt,
@@ -161,7 +164,7 @@ def test_step_logs_ride_the_transaction_that_ends_the_attempt(store: MetadataSto
             == []
         )
 
-    assert dispatch.LOG_LINES in values  # the caller's values are left as they were
+    assert outcomes.LOG_LINES in values  # the caller's values are left as they were
     with store.read() as s:
         for row in (done, failed):
             assert logs.render(logs.read(s, row.id, row.attempt)) == "line 0\nline 1\n"
@@ -172,11 +175,11 @@ def test_step_logs_are_not_stored_by_an_attempt_that_lost_its_lease(
     store: MetadataStore,
 ) -> None:
     row = _running_step(store)
-    values = {"logs": "", dispatch.LOG_LINES: LogWrite(tuple(_lines(0, 1)))}
+    values = {"logs": "", outcomes.LOG_LINES: LogWrite(tuple(_lines(0, 1)))}
 
     with store.transaction() as s:
         assert (
-            dispatch.step_succeeded(
+            outcomes.step_succeeded(
                 s, row, attempt=row.attempt + 1, artifacts=[], edges=[], values=values, now=NOW
             )
             is None

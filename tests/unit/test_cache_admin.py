@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
-from scheduler import dispatch
+from scheduler import decisions, outcomes
 from scheduler.specs import OutputSpec, PipelineSpec, StepSpec
 from stores.artifacts.memory import MemoryArtifactStore
 from stores.metadata import cache as mc
@@ -319,8 +319,8 @@ def test_a_committed_step_expires_cache_expires_after_s_later(store: MetadataSto
                 "producer_step_run_id": row.id,
                 "created_at": at,
             }
-            edge = dispatch.lineage_edge(row.id, row.run_id, q.OUTPUT, "x", 0, aid)
-            dispatch.step_succeeded(
+            edge = decisions.lineage_edge(row.id, row.run_id, q.OUTPUT, "x", 0, aid)
+            outcomes.step_succeeded(
                 s, row, attempt=row.attempt, artifacts=[art], edges=[edge], values={}, now=at
             )
         if sp is spec:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import pytest
 from sqlalchemy import update
 
-from scheduler import dispatch
+from scheduler import decisions, dispatch
 from scheduler.specs import InputRef, InputSpec, OutputSpec, PipelineSpec, StepSpec
 from stores.metadata import queries as q
 from stores.metadata.models import StepRunRow
@@ -288,7 +288,7 @@ def _complete_a(store: MetadataStore, run_id: str) -> tuple[str, str]:
                 }
             ],
         )
-        q.add_lineage(s, [dispatch.lineage_edge(sid, run_id, q.OUTPUT, "x", 0, art)])
+        q.add_lineage(s, [decisions.lineage_edge(sid, run_id, q.OUTPUT, "x", 0, art)])
     return sid, art
 
 

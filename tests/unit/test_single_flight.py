@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from scheduler import dispatch, flight
+from scheduler import dispatch, flight, outcomes
 from scheduler.recovery import RecoveryPolicy, recover
 from stores.metadata import flights as fl
 from stores.metadata import queries as q
@@ -98,7 +98,7 @@ def test_single_flight_owner_failing_for_good_hands_over_to_a_waiter(
     assert row is not None
 
     with store.transaction() as s:
-        follow = dispatch.step_failed(
+        follow = outcomes.step_failed(
             s, row, attempt=1, error="ValueError: no", traceback="", values={}, now=NOW + 3
         )
 
@@ -124,7 +124,7 @@ def test_single_flight_owner_retrying_or_requeued_keeps_its_waiters(
     assert row is not None
 
     with store.transaction() as s:
-        retry = dispatch.step_failed(
+        retry = outcomes.step_failed(
             s, row, attempt=1, error="ValueError: once", traceback="", values={}, now=NOW + 2
         )
     assert retry is not None and [t.task.run_id for t in retry] == [run_a]
@@ -146,7 +146,7 @@ def test_single_flight_owner_run_cancelled_lets_a_waiter_take_over(
     claim(store, queued_a[0])
 
     with store.transaction() as s:
-        dispatch.cancel_run(s, run_a, now=NOW + 2)
+        outcomes.cancel_run(s, run_a, now=NOW + 2)
     assert statuses(store, run_b) == {"load": "ready", "train": "pending"}
 
     with store.transaction() as s:
@@ -161,7 +161,7 @@ def test_single_flight_cancelled_waiting_run_leaves_the_owner_alone(
     run_b, _ = plan(store, _chain(), now=NOW + 1)
 
     with store.transaction() as s:
-        assert dispatch.cancel_run(s, run_b, now=NOW + 2) == ([], [])
+        assert outcomes.cancel_run(s, run_b, now=NOW + 2) == ([], [])
     assert statuses(store, run_b) == {"load": "cancelled", "train": "cancelled"}
 
     follow = succeed(store, claim(store, queued_a[0]), now=NOW + 3)

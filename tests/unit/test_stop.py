@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from scheduler import dispatch
+from scheduler import dispatch, outcomes
 from scheduler.specs import StepTask
 from stores.metadata import queries as q
 from stores.metadata import workers as w
@@ -286,7 +286,7 @@ def test_stop_settle_leaves_another_process_attempt_and_a_cancelled_step(
     assert _settle(store, task, pid=42) == []
     assert _row(store, task).status == "running"
     with store.transaction() as s:
-        dispatch.cancel_run(s, task.run_id, now=NOW)
+        outcomes.cancel_run(s, task.run_id, now=NOW)
     assert _settle(store, task, pid=7) == []
     assert _row(store, task).status == "cancelled"
 
@@ -336,7 +336,7 @@ def test_stop_how_it_ended_tells_each_outcome(store: MetadataStore) -> None:
     ended = how_it_ended(store, task, follow, host=HOST, pid=42, task_id=task_id)
     assert (ended.outcome, ended.error) == (Outcome.FAILED, "StepTimeoutError: x")
     with store.transaction() as s:
-        dispatch.cancel_run(s, task.run_id, now=NOW)
+        outcomes.cancel_run(s, task.run_id, now=NOW)
     ended = how_it_ended(store, task, [], host=HOST, pid=42, task_id=task_id)
     assert ended.outcome is Outcome.CANCELLED
     successor = dispatch.QueuedStep(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from scheduler.dispatch import QueuedStep, fail_run, finish_run_if_done
+from scheduler.dispatch import QueuedStep, finish_run_if_done
+from scheduler.outcomes import fail_run
 from stores.metadata import queries as q
 from stores.metadata.states import Move, StepStatus
 from stores.metadata.store import MetadataStore

@@ -345,7 +345,7 @@ class RunHandle:
 
     def cancel(self) -> None:
         """Cancel the run: queued steps are revoked and running ones stopped."""
-        from scheduler.dispatch import cancel_run
+        from scheduler.outcomes import cancel_run
 
         with self._stack.metadata.transaction() as s:
             queued, running = cancel_run(s, self.id, now=time.time())

@@ -15,7 +15,7 @@ import traceback
 from dataclasses import replace
 from typing import Any
 
-from scheduler import dispatch
+from scheduler import decisions, dispatch, outcomes
 from scheduler.backoff import call_with_backoff, retry_delay_s
 from scheduler.dispatch import QueuedStep
 from scheduler.lease import LeasePolicy, Redelivery
@@ -83,7 +83,7 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
 
             def record_failure() -> list[QueuedStep] | None:
                 with ctx.metadata.transaction() as s:
-                    return dispatch.step_failed(
+                    return outcomes.step_failed(
                         s,
                         row,
                         attempt=row.attempt,
@@ -111,7 +111,7 @@ def execute_step(task: StepTask, ctx: WorkerContext) -> list[QueuedStep]:
         discard(ctx.artifacts, written)
         try:
             with ctx.metadata.transaction() as s:
-                dispatch.step_failed(
+                outcomes.step_failed(
                     s,
                     row,
                     attempt=row.attempt,
@@ -201,7 +201,7 @@ def _redelivered(
     if decision is Redelivery.GIVE_UP:
         log.error("run %s step %s: %s, out of attempts", task.run_id, task.invocation_id, lost)
         with ctx.metadata.transaction() as tx:
-            dispatch.fail_lost_attempt(
+            outcomes.fail_lost_attempt(
                 tx,
                 task.step_run_id,
                 run_id=task.run_id,
@@ -297,7 +297,7 @@ def _run(
         "step_metadata": {"duration_s": round(time.time() - started, 6), **recorded},
     }
     if logs.final is not None:
-        values[dispatch.LOG_LINES] = logs.final
+        values[outcomes.LOG_LINES] = logs.final
     meter.add_to(values, earlier=row.step_metadata)
     return artifacts, values, error, tb, retryable
 
@@ -316,9 +316,9 @@ def _commit(
 ) -> list[QueuedStep]:
     """Commit a successful attempt with its lineage; discard its outputs if it lost its lease."""
     edges = [
-        dispatch.lineage_edge(row.id, row.run_id, q.OUTPUT, a["name"], 0, a["id"])
+        decisions.lineage_edge(row.id, row.run_id, q.OUTPUT, a["name"], 0, a["id"])
         for a in artifacts
-    ] + dispatch.input_edges(step, row.id, row.run_id, produced)
+    ] + decisions.input_edges(step, row.id, row.run_id, produced)
     now = time.time()
     tries = 0
 
@@ -326,7 +326,7 @@ def _commit(
         nonlocal tries
         tries += 1
         with ctx.metadata.transaction() as s:
-            follow = dispatch.step_succeeded(
+            follow = outcomes.step_succeeded(
                 s,
                 row,
                 attempt=row.attempt,
@@ -339,7 +339,7 @@ def _commit(
             )
             if follow is None and tries > 1:
                 # The connection broke during an earlier try's COMMIT: it may have landed.
-                return dispatch.committed_earlier(s, row, attempt=row.attempt, now=now)
+                return outcomes.committed_earlier(s, row, attempt=row.attempt, now=now)
             return follow
 
     follow = call_with_backoff(

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from scheduler import dispatch
+from scheduler import dispatch, outcomes
 from scheduler.backoff import retry_delay_s
 from scheduler.dispatch import QueuedStep
 from scheduler.specs import StepTask
@@ -356,7 +356,7 @@ def settle_attempt(
             return []
         by_it = row.worker_host == host and (pid is None or row.worker_pid == pid)
         if row.status == StepStatus.RUNNING.value and by_it:
-            follow = dispatch.step_failed(
+            follow = outcomes.step_failed(
                 s,
                 row,
                 attempt=row.attempt,
@@ -372,7 +372,7 @@ def settle_attempt(
             )
             return follow or []
         if row.status == StepStatus.COMPLETED.value and by_it and row.ended_at is not None:
-            return dispatch.committed_earlier(s, row, attempt=row.attempt, now=row.ended_at) or []
+            return outcomes.committed_earlier(s, row, attempt=row.attempt, now=row.ended_at) or []
         if row.status == StepStatus.QUEUED.value and (by_it or resend_unclaimed):
             wait_s = max(0.0, (row.queued_at or now) - now)
             return [replace(dispatch.queued_step(s, row), delay_s=wait_s)]

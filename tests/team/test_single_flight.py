@@ -14,6 +14,7 @@ import pytest
 
 from tests.services.process import wait_until
 from tests.team.conftest import Team
+from zenml_workers import Client
 
 pytestmark = pytest.mark.services
 
@@ -154,6 +155,14 @@ def test_single_flight_a_waiter_takes_over_when_the_owner_ends_without_outputs(
         _script(root=str(tmp_path), who="bob", pipeline="gate", params=params, runs=1),
     )
     wait_until(lambda: (tmp_path / "planned-bob").exists(), 60, "bob's run planned")
+    # Bob's step does not compute while alice's runs: it waits for it.
+    [bob_id] = json.loads((tmp_path / "planned-bob").read_text())
+    watcher = Client(team.settings("bob"))
+    wait_until(
+        lambda: watcher.get_run(bob_id).steps["gated"].status == "waiting",
+        60,
+        "bob's gated step waiting for alice's (same cache key)",
+    )
     if owner_ends == "cancelled":
         [alice_id] = json.loads((tmp_path / "planned-alice").read_text())
         team.zw("alice", "cancel", alice_id)

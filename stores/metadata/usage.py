@@ -14,7 +14,6 @@ Sums run in SQL: SQLAlchemy's JSON paths compile to ``JSON_EXTRACT`` on SQLite a
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +30,6 @@ USAGE_KEY = "usage"
 GROUPINGS = ("user", "pipeline", "run")
 #: Recorded numbers and sums are rounded to this many decimals (microseconds).
 DECIMALS = 6
-
-_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
-_PERIOD = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", re.IGNORECASE)
 
 
 def seconds(value: float) -> float:
@@ -121,21 +117,6 @@ class UsageRecord:
     def of(cls, step_metadata: Mapping[str, Any] | None) -> UsageRecord | None:
         """The record in a step's ``step_metadata``, or None when it has none."""
         return cls.decode((step_metadata or {}).get(USAGE_KEY))
-
-
-def parse_period(text: str) -> float:
-    """Seconds in a period such as ``30m``, ``12h``, ``7d`` (also ``s`` and ``w``).
-
-    Raises:
-        ValueError: ``text`` is not a positive number followed by one unit.
-    """
-    m = _PERIOD.fullmatch(text)
-    if m is None or float(m.group(1)) <= 0:
-        raise ValueError(
-            f"usage period {text!r} is not understood; give a number and a unit, "
-            "e.g. 30m, 12h or 7d (s, m, h, d, w)"
-        )
-    return float(m.group(1)) * _UNITS_S[m.group(2).lower()]
 
 
 @dataclass(frozen=True)

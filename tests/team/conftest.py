@@ -80,19 +80,9 @@ class Team:
         path.write_text(textwrap.dedent(script))
         child_env = {k: v for k, v in self.user_env(user).items() if k not in drop}
         child_env.update(env or {})
-        proc = subprocess.run(
-            [sys.executable, str(path)],
-            cwd=workdir,
-            env=service_env(child_env, drop_prefixes=("ZW_",)),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
+        return _run_checked(
+            [sys.executable, str(path)], child_env, workdir, timeout_s, check, f"{user}'s script"
         )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"{user}'s script failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-            )
-        return proc
 
     def zw(
         self,
@@ -104,20 +94,14 @@ class Team:
         timeout_s: float = 60.0,
     ) -> subprocess.CompletedProcess[str]:
         """``zw ARGS`` as ``user`` would type it."""
-        child_env = {**self.user_env(user), **(env or {})}
-        proc = subprocess.run(
+        return _run_checked(
             [sys.executable, "-m", "zenml_workers.cli", *args],
-            cwd=cwd or self.home(user),
-            env=service_env(child_env, drop_prefixes=("ZW_",)),
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
+            {**self.user_env(user), **(env or {})},
+            cwd or self.home(user),
+            timeout_s,
+            check,
+            f"`zw {' '.join(args)}` as {user}",
         )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"`zw {' '.join(args)}` as {user} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-            )
-        return proc
 
     @staticmethod
     def last_json(proc: subprocess.CompletedProcess[str]) -> Any:
@@ -125,6 +109,26 @@ class Team:
         lines = [line for line in proc.stdout.splitlines() if line.strip()]
         assert lines, f"the script printed nothing; stderr:\n{proc.stderr[-4000:]}"
         return json.loads(lines[-1])
+
+
+def _run_checked(
+    argv: list[str], env: dict[str, str], cwd: Path, timeout_s: float, check: bool, what: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` with only ``env``'s ``ZW_*`` settings; with ``check``, fail the test with
+    its output when it exits non-zero."""
+    proc = subprocess.run(
+        argv,
+        cwd=cwd,
+        env=service_env(env, drop_prefixes=("ZW_",)),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{what} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
 
 
 def _start(

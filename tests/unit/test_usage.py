@@ -17,10 +17,10 @@ from stores.metadata.store import MetadataStore
 from stores.metadata.usage import (
     USAGE_KEY,
     UsageRecord,
-    parse_period,
     records_of,
     usage_by,
 )
+from stores.periods import parse_period
 from zenml_workers.cli.usage import WIDTH, seconds_text, usage_lines
 from zenml_workers.sdk.client import _period_start
 from zenml_workers.sdk.resources import RunCost, StepCost, UsageRow

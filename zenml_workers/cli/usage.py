@@ -89,7 +89,7 @@ def usage(ctx: click.Context, since: str, by: str) -> None:
     Failed attempts count. A cache hit is credited with its original's cost as saved, to
     the run (and user) that reused it.
     """
-    from stores.metadata.usage import parse_period
+    from stores.periods import parse_period
     from zenml_workers.sdk.client import Client
 
     now = time.time()

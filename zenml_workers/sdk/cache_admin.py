@@ -117,19 +117,10 @@ def period_seconds(value: str | timedelta | float, what: str) -> float:
     Raises:
         CacheError: ``value`` is none of these, or negative.
     """
-    seconds = -1.0
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        from stores.metadata.usage import parse_period
+    from stores.periods import seconds_in
 
-        try:
-            seconds = parse_period(value)
-        except ValueError:
-            seconds = 0.0 if value.strip() in ("0", "0s") else -1.0
-    if not 0 <= seconds < float("inf"):
+    seconds = seconds_in(value)
+    if seconds is None or not 0 <= seconds < float("inf"):
         raise CacheError(
             f"{what}={value!r} is not an age; give a number and a unit such as 30m, 12h or 7d "
             "(s, m, h, d, w), a timedelta or seconds"

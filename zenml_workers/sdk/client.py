@@ -491,7 +491,7 @@ def _period_start(since: str | timedelta | datetime, now: float) -> float:
     """Epoch seconds where the period ``since`` (see :meth:`Client.usage`) starts."""
     from datetime import UTC, datetime, timedelta
 
-    from stores.metadata.usage import parse_period
+    from stores.periods import parse_period
 
     if isinstance(since, datetime):
         return (since if since.tzinfo else since.replace(tzinfo=UTC)).timestamp()

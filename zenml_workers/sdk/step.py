@@ -59,19 +59,10 @@ def expiry_seconds(value: str | timedelta | float | None, step_name: str) -> flo
     """
     if value is None:
         return None
-    seconds = -1.0
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        from stores.metadata.usage import parse_period  # SQLAlchemy: only when asked
+    from stores.periods import seconds_in
 
-        try:
-            seconds = parse_period(value)
-        except ValueError:
-            seconds = -1.0
-    if not 0 < seconds < float("inf"):
+    seconds = seconds_in(value)
+    if seconds is None or not 0 < seconds < float("inf"):
         raise StepDefinitionError(
             f"step '{step_name}': cache_expires_after={value!r} must be a positive period such "
             "as '30m', '12h' or '7d' (s, m, h, d, w), a timedelta or a number of seconds"

@@ -17,6 +17,7 @@ One pipe per process means a process killed mid-message can only garble its own.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import multiprocessing
@@ -141,6 +142,7 @@ class LocalPool:
         self._wake_w: Any = None
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._quiet_at_exit = False
         self._look_now = False
 
     @property
@@ -167,6 +169,15 @@ class LocalPool:
         self._pid = os.getpid()
         self._thread = threading.Thread(target=self._supervise, name="zw-local-pool", daemon=True)
         self._thread.start()
+        if not self._quiet_at_exit:
+            # atexit runs newest first: this runs before multiprocessing terminates the
+            # (daemonic) processes, so their ends at interpreter exit are not reported as deaths.
+            atexit.register(self._closing_at_exit)
+            self._quiet_at_exit = True
+
+    def _closing_at_exit(self) -> None:
+        with self._lock:
+            self._closing = True
 
     def _spawn(self, index: int) -> _Slot:
         parent, child = self._mp.Pipe(duplex=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -30,15 +29,6 @@ from zenml_workers.sdk.step import step
 
 DAY = 86_400.0
 NOW = 1_700_000_000.0
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[MetadataStore]:
-    st = MetadataStore(f"sqlite:///{tmp_path / 'metadata.db'}")
-    try:
-        yield st
-    finally:
-        st.dispose()
 
 
 @dataclass

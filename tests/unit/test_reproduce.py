@@ -4,8 +4,6 @@ per step and reuses, and how a rerun's outputs compare with the original's."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
@@ -209,15 +207,6 @@ def test_compare_outputs_matches_differs_cached_and_not_run() -> None:
 
 
 # -- reuse in plan_run (what a retry relies on) ------------------------------------------
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[MetadataStore]:
-    st = MetadataStore(f"sqlite:///{tmp_path / 'metadata.db'}")
-    try:
-        yield st
-    finally:
-        st.dispose()
 
 
 def _spec(n: int) -> PipelineSpec:

@@ -4,11 +4,8 @@ cache hit whose object is gone is not offered."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import select
 
 from scheduler import dispatch, flight, outcomes
@@ -27,13 +24,6 @@ from tests.integration.test_metadata_store_contract import (
     step,
     succeed,
 )
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[MetadataStore]:
-    st = MetadataStore(f"sqlite:///{tmp_path / 'meta.db'}")
-    yield st
-    st.dispose()
 
 
 def _chain(name: str = "p") -> Any:

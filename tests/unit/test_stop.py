@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -220,15 +219,6 @@ def test_stop_run_stoppable_arms_the_attempt_and_reports_a_stop() -> None:
 
 
 # -- what the supervisor settles, on SQLite ----------------------------------------------------
-
-
-@pytest.fixture()
-def store(tmp_path: Path) -> Iterator[MetadataStore]:
-    s = MetadataStore(f"sqlite:///{tmp_path / 'm.db'}")
-    try:
-        yield s
-    finally:
-        s.dispose()
 
 
 def _plan(store: MetadataStore, pipeline: object, **params: object) -> StepTask:

@@ -56,8 +56,8 @@ def _traced(
 def _install() -> Any:
     import importlib
 
-    from scheduler import dispatch, outcomes
-    from stores.metadata import queries as q
+    from scheduler import outcomes
+    from stores.metadata import attempts
     from zenml_workers.settings import load_settings
     from zenml_workers.worker import execute
 
@@ -85,9 +85,9 @@ def _install() -> Any:
 
     execute.execute_step = execute_step
     # Each wrap is skipped if the project renamed the function; the profile then lacks that phase.
-    if hasattr(q, "claim"):
-        q.claim = _traced(q.claim, "claim_start", "claim_end", claim_ids)
-    if hasattr(dispatch, "step_succeeded"):
+    if hasattr(attempts, "claim"):
+        attempts.claim = _traced(attempts.claim, "claim_start", "claim_end", claim_ids)
+    if hasattr(outcomes, "step_succeeded"):
         outcomes.step_succeeded = _traced(
             outcomes.step_succeeded, "succeeded_start", "succeeded_end", row_ids
         )

@@ -22,7 +22,7 @@ from scheduler.dispatch import (
     queued_step,
     resolve,
 )
-from stores.metadata import flights
+from stores.metadata import attempts, flights
 from stores.metadata import logs as step_logs
 from stores.metadata import queries as q
 from stores.metadata.states import UNSTARTED, Move, RunStatus, StepStatus
@@ -57,8 +57,9 @@ def step_succeeded(
     cache hits that the downstream steps get (see :data:`decisions.Verify`).
     """
     values, log_lines = _split_log_lines(values)
-    expires_s = SPECS.get(s, row.run_id)[1][row.invocation_id].cache_expires_after_s
-    run_status = q.complete_attempt(
+    _, by_id, downstream = SPECS.get(s, row.run_id)
+    expires_s = by_id[row.invocation_id].cache_expires_after_s
+    run_status = attempts.complete_attempt(
         s,
         row.id,
         attempt,
@@ -71,7 +72,6 @@ def step_succeeded(
     step_logs.store(s, row.id, attempt, log_lines)
     q.add_artifacts(s, artifacts)
     q.add_lineage(s, edges)
-    _, by_id, downstream = SPECS.get(s, row.run_id)
     outputs = {
         a["name"]: q.ArtifactRef(
             a["id"], a["content_hash"], a["uri"], a["materializer"], a["data_type"]
@@ -152,7 +152,7 @@ def step_failed(
     values, log_lines = _split_log_lines(values)
     if retry_allowed and attempt < row.max_attempts:
         task_id = q.task_id(row.id, attempt + 1)
-        if not q.finish_attempt(
+        if not attempts.finish_attempt(
             s,
             row.id,
             attempt,
@@ -170,7 +170,7 @@ def step_failed(
             row.id, row.run_id, row.invocation_id, row.step_name, row.queue, task_id
         )
         return [replace(queued_step(s, retry), delay_s=retry_delay_s)]
-    if not q.finish_attempt(
+    if not attempts.finish_attempt(
         s,
         row.id,
         attempt,
@@ -192,7 +192,7 @@ def committed_earlier(s: Session, row: Any, *, attempt: int, now: float) -> list
     """After a commit whose outcome was unknown (the connection broke during ``COMMIT``): the
     tasks that commit queued at ``now`` if it did land, so they are sent; None if it did not
     (the attempt really lost its lease)."""
-    current = q.holder(s, row.id)
+    current = attempts.holder(s, row.id)
     if (
         current is None
         or current.status != StepStatus.COMPLETED.value
@@ -213,7 +213,7 @@ def fail_lost_attempt(
     now: float,
 ) -> bool:
     """Fail a step whose workers kept dying (out of attempts) and with it the run."""
-    if not q.finish_attempt(
+    if not attempts.finish_attempt(
         s, step_run_id, attempt, Move.FAIL, ended_at=now, exception=f"WorkerLostError: {why}"
     ):
         return False
@@ -244,7 +244,7 @@ def fail_run(
     """
     stopped: list[str] = []
     if q.set_run_status(s, run_id, RunStatus.FAILED, now=now, message=message):
-        stopped = [r.id for r in q.stop_steps(s, run_id, Move.SKIP, now)]
+        stopped = [r.id for r in attempts.stop_steps(s, run_id, Move.SKIP, now)]
     return take_flights(s, [*ended, *stopped], now=now, window=window)
 
 
@@ -267,8 +267,8 @@ def cancel_run(s: Session, run_id: str, *, now: float) -> tuple[list[str], list[
     """
     if not q.set_run_status(s, run_id, RunStatus.CANCELLED, now=now, message="cancelled by user"):
         return [], []
-    unstarted = q.stop_steps(s, run_id, Move.CANCEL, now, only=UNSTARTED)
-    running = q.stop_steps(s, run_id, Move.CANCEL, now, only=(StepStatus.RUNNING,))
+    unstarted = attempts.stop_steps(s, run_id, Move.CANCEL, now, only=UNSTARTED)
+    running = attempts.stop_steps(s, run_id, Move.CANCEL, now, only=(StepStatus.RUNNING,))
     flight.hand_over(s, [r.id for r in [*unstarted, *running]], now=now)
     return [r.task_id for r in unstarted if r.task_id], [r.task_id for r in running if r.task_id]
 

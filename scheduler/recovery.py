@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from scheduler import dispatch, outcomes
 from scheduler.dispatch import QueuedStep
 from scheduler.lease import LeasePolicy
+from stores.metadata import attempts
 from stores.metadata import queries as q
 from stores.metadata import workers as w
 from stores.metadata.states import Move
@@ -73,7 +74,7 @@ def recover(
             n = w.expire_leases_held_by(s, gone, now)
             events["silent_worker"] += n
             log.warning("workers %s are silent; expired %d lease(s)", ", ".join(gone), n)
-    for row in q.expired_leases(s, now):
+    for row in attempts.expired_leases(s, now):
         if row.attempt < policy.lease.attempts_after_lost_worker(row.max_attempts):
             task_id = q.task_id(row.id, row.attempt + 1)
             if q.transition(

@@ -26,7 +26,7 @@ from sqlalchemy import text
 
 from scheduler.metrics import SchedulerCollector, queue_loads
 from scheduler.specs import OutputSpec, PipelineSpec, StepSpec
-from stores.metadata import queries as q
+from stores.metadata import attempts
 from stores.metadata.store import MetadataStore
 from tests.pipelines.planning import plan
 from tests.services.process import (
@@ -176,7 +176,9 @@ def test_keda_postgresql_query_counts_the_queue_demand(
             store, PipelineSpec(name="g", steps=steps, enable_cache=False), window=2, now=NOW
         )
         with store.autocommit() as s:
-            assert q.claim(s, queued[0].task.step_run_id, host="g@h", pid=1, lease_s=60, now=NOW)
+            assert attempts.claim(
+                s, queued[0].task.step_run_id, host="g@h", pid=1, lease_s=60, now=NOW
+            )
         with store.read() as s:
             counted = s.execute(text(trigger["metadata"]["query"])).scalar_one()
             (gpu,) = [x for x in queue_loads(s, now=NOW, worker_ttl_s=10) if x.queue == "gpu"]

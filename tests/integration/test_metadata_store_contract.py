@@ -16,6 +16,7 @@ from scheduler import decisions, dispatch, outcomes
 from scheduler.recovery import RecoveryPolicy, recover
 from scheduler.specs import InputRef, InputSpec, OutputSpec, PipelineSpec, StepSpec
 from stores.errors import MetadataStoreError, NotFoundError
+from stores.metadata import attempts
 from stores.metadata import queries as q
 from stores.metadata import workers as w
 from stores.metadata.models import ArtifactRow, LineageRow, RunRow, StepRunRow
@@ -104,7 +105,7 @@ def claim(
     st: MetadataStore, queued: Any, *, now: float = NOW, lease_s: float = 60.0
 ) -> StepRunRow | None:
     with st.transaction() as s:
-        return q.claim(s, queued.task.step_run_id, host="h", pid=1, lease_s=lease_s, now=now)
+        return attempts.claim(s, queued.task.step_run_id, host="h", pid=1, lease_s=lease_s, now=now)
 
 
 def succeed(
@@ -465,10 +466,14 @@ def test_claim_after_the_connection_idled_past_the_ping_threshold(store: Metadat
             q.status_counts(s, queued[0].task.run_id)
         time.sleep(0.6)  # the fault itself: real idle time past the threshold
         with idle.autocommit() as s:
-            row = q.claim(s, queued[0].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW)
+            row = attempts.claim(
+                s, queued[0].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW
+            )
         time.sleep(0.6)
         with idle.transaction() as s:  # and a write transaction after idling works too
-            other = q.claim(s, queued[1].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW)
+            other = attempts.claim(
+                s, queued[1].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW
+            )
     finally:
         idle.dispose()
     assert row is not None and row.status == "running"
@@ -482,10 +487,10 @@ def test_take_over_replaces_the_dead_attempt_exactly_once(store: MetadataStore) 
     sid = queued[0].task.step_run_id
 
     with store.transaction() as s:
-        new = q.take_over(
+        new = attempts.take_over(
             s, sid, first.attempt, host="h", pid=2, lease_s=60, now=NOW + 1, reason="pid 1 died"
         )
-        again = q.take_over(
+        again = attempts.take_over(
             s, sid, first.attempt, host="h", pid=3, lease_s=60, now=NOW + 1, reason="pid 1 died"
         )
     assert new is not None and new.attempt == 2 and new.worker_pid == 2
@@ -500,7 +505,9 @@ def test_recovery_expires_leases_of_a_silent_worker_at_once(store: MetadataStore
     _, queued = plan(store, pipeline(step("a")))
     with store.transaction() as s:
         w.worker_heartbeat(s, name="cpu@vm1", queues=["cpu"], host="vm1", pid=9, now=NOW)
-        row = q.claim(s, queued[0].task.step_run_id, host="cpu@vm1", pid=10, lease_s=120, now=NOW)
+        row = attempts.claim(
+            s, queued[0].task.step_run_id, host="cpu@vm1", pid=10, lease_s=120, now=NOW
+        )
     assert row is not None
     policy = RecoveryPolicy()
 
@@ -520,7 +527,7 @@ def test_a_worker_hands_back_leases_of_its_dead_pool_processes(store: MetadataSt
             (queued[1], 102, NOW),
             (queued[2], 103, NOW + 5),
         ):
-            q.claim(s, qs.task.step_run_id, host="cpu@vm", pid=pid, lease_s=120, now=started)
+            attempts.claim(s, qs.task.step_run_id, host="cpu@vm", pid=pid, lease_s=120, now=started)
         # 101 died; 103 claimed after the process listing was taken.
         n = w.expire_orphaned_leases(s, "cpu@vm", alive={100, 102}, seen_at=NOW + 2)
     assert n == 1
@@ -533,7 +540,7 @@ def test_recovery_spares_a_worker_that_is_still_beating(store: MetadataStore) ->
     _, queued = plan(store, pipeline(step("a")))
     with store.transaction() as s:
         w.worker_heartbeat(s, name="cpu@vm1", queues=["cpu"], host="vm1", pid=9, now=NOW + 8)
-        q.claim(s, queued[0].task.step_run_id, host="cpu@vm1", pid=10, lease_s=120, now=NOW)
+        attempts.claim(s, queued[0].task.step_run_id, host="cpu@vm1", pid=10, lease_s=120, now=NOW)
     with store.transaction() as s:
         assert recover(s, now=NOW + 11, policy=RecoveryPolicy(), judge_heartbeats=True) == []
 
@@ -542,8 +549,10 @@ def test_a_restarted_worker_expires_only_its_previous_process_leases(store: Meta
     _, queued = plan(store, pipeline(step("a"), step("b")))
     old = claim(store, queued[0], now=NOW)
     with store.transaction() as s:
-        q.claim(s, queued[0].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW)
-        new = q.claim(s, queued[1].task.step_run_id, host="h", pid=5, lease_s=60, now=NOW + 20)
+        attempts.claim(s, queued[0].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW)
+        new = attempts.claim(
+            s, queued[1].task.step_run_id, host="h", pid=5, lease_s=60, now=NOW + 20
+        )
         n = w.expire_leases_held_by(s, ["h"], NOW + 21, started_before=NOW + 10)
     assert old is not None and new is not None and n == 1
     with store.transaction() as s:

@@ -11,8 +11,7 @@ import pytest
 
 from scheduler import outcomes
 from scheduler.specs import OutputSpec, PipelineSpec, StepSpec
-from stores.metadata import logs
-from stores.metadata import queries as q
+from stores.metadata import attempts, logs
 from stores.metadata.logs import LogLine, LogWrite
 from stores.metadata.store import MetadataStore
 from tests.pipelines.planning import plan
@@ -54,7 +53,7 @@ def _running_step(st: MetadataStore) -> Any:
     blob = {"code_hash": CODE_HASH, "name": "talk", "source": "", "pickled": CODE}
     queued = plan(st, spec, code_blobs=[blob], window=8, orchestrator="test", now=NOW)
     with st.transaction() as s:
-        return q.claim(s, queued[0].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW)
+        return attempts.claim(s, queued[0].task.step_run_id, host="h", pid=1, lease_s=60, now=NOW)
 
 
 def _lines(start: int, stop: int, stream: str = "stdout") -> list[LogLine]:
@@ -121,7 +120,7 @@ def test_step_logs_append_refuses_an_attempt_that_ended(store: MetadataStore) ->
     row = _running_step(store)
     assert _append(store, row, _lines(0, 1))
     with store.transaction() as s:
-        assert q.complete_attempt(s, row.id, row.attempt, ended_at=NOW + 5) is not None
+        assert attempts.complete_attempt(s, row.id, row.attempt, ended_at=NOW + 5) is not None
 
     assert not _append(store, row, _lines(1, 2))  # nothing lands after the step is finished
 

@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from scheduler.metrics import queue_loads
 from scheduler.specs import OutputSpec, PipelineSpec, StepSpec
+from stores.metadata import attempts
 from stores.metadata import queries as q
 from stores.metadata import workers as w
 from stores.metadata.store import HEAD_REVISION, MIGRATIONS_DIR, MetadataStore
@@ -101,7 +102,7 @@ def test_queue_demand_counts_ready_queued_and_running_per_queue(store: MetadataS
     _plan(store, _fan(1, queue="gpu"), window=2, run_id="r2")
     with store.autocommit() as s:
         gpu_step = q.step_runs(s, "r2")[0]
-        assert q.claim(s, gpu_step.id, host="g@h", pid=1, lease_s=60, now=NOW) is not None
+        assert attempts.claim(s, gpu_step.id, host="g@h", pid=1, lease_s=60, now=NOW) is not None
     with store.transaction() as s:
         w.worker_heartbeat(s, name="g@h", queues=["gpu"], host="h", pid=1, now=NOW, concurrency=1)
     with store.read() as s:

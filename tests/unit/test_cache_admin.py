@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from scheduler import decisions, outcomes
 from scheduler.specs import OutputSpec, PipelineSpec, StepSpec
 from stores.artifacts.memory import MemoryArtifactStore
+from stores.metadata import attempts
 from stores.metadata import cache as mc
 from stores.metadata import queries as q
 from stores.metadata.models import ArtifactRow, LineageRow, PipelineRow, RunRow, StepRunRow
@@ -294,7 +295,7 @@ def test_a_committed_step_expires_cache_expires_after_s_later(store: MetadataSto
     for sp, at in ((spec, NOW), (spec_plain, NOW + 31)):
         [task] = plan(store, sp, now=at)
         with store.transaction() as s:
-            row = q.claim(s, task.task.step_run_id, host="h", pid=1, lease_s=60, now=at)
+            row = attempts.claim(s, task.task.step_run_id, host="h", pid=1, lease_s=60, now=at)
             aid = str(uuid.uuid4())
             art = {
                 "id": aid,

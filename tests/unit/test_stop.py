@@ -13,6 +13,7 @@ import pytest
 
 from scheduler import dispatch, outcomes
 from scheduler.specs import StepTask
+from stores.metadata import attempts
 from stores.metadata import queries as q
 from stores.metadata import workers as w
 from stores.metadata.models import StepRunRow
@@ -229,7 +230,9 @@ def _plan(store: MetadataStore, pipeline: object, **params: object) -> StepTask:
 
 def _claim(store: MetadataStore, task: StepTask, pid: int = 42) -> None:
     with store.transaction() as s:
-        assert q.claim(s, task.step_run_id, host=HOST, pid=pid, lease_s=60, now=NOW) is not None
+        assert (
+            attempts.claim(s, task.step_run_id, host=HOST, pid=pid, lease_s=60, now=NOW) is not None
+        )
 
 
 def _row(store: MetadataStore, task: StepTask) -> StepRunRow:

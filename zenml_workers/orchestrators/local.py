@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from scheduler.dispatch import QueuedStep, finish_run_if_done
 from scheduler.outcomes import fail_run
+from stores.metadata import attempts
 from stores.metadata import queries as q
 from stores.metadata.states import Move, StepStatus
 from stores.metadata.store import MetadataStore
@@ -49,7 +50,7 @@ class LocalOrchestrator(Orchestrator):
                 # Steps that were running in the dead process will never report back.
                 for row in q.step_runs(s, run_id):
                     if row.status == StepStatus.RUNNING.value:
-                        q.finish_attempt(
+                        attempts.finish_attempt(
                             s,
                             row.id,
                             row.attempt,

@@ -20,7 +20,7 @@ from typing import Any
 from scheduler.backoff import Backoff
 from scheduler.lease import LeasePolicy
 from stores.artifacts import ArtifactStore, artifact_store_from_uri
-from stores.metadata import queries as q
+from stores.metadata import attempts
 from stores.metadata.store import MetadataStore
 from zenml_workers.settings import Settings
 
@@ -175,6 +175,6 @@ class LeaseKeeper:
             try:
                 with self.ctx.metadata.transaction() as s:
                     for step_run_id, (attempt, lease_s) in held.items():
-                        q.extend_lease(s, step_run_id, attempt, now + lease_s)
+                        attempts.extend_lease(s, step_run_id, attempt, now + lease_s)
             except Exception:  # a missed renewal is retried next tick; recovery handles real loss
                 log.warning("could not renew step leases", exc_info=True)

@@ -21,6 +21,7 @@ from scheduler.dispatch import QueuedStep
 from scheduler.lease import LeasePolicy, Redelivery
 from scheduler.specs import StepSpec, StepTask
 from stores.errors import ArtifactIntegrityError, InfrastructureError
+from stores.metadata import attempts
 from stores.metadata import queries as q
 from stores.metadata import workers as w
 from zenml_workers.components.lifecycle import step_scope
@@ -165,7 +166,7 @@ def _claim(
     lease_s = policy.lease_for(step.timeout_s)
     pid, now = os.getpid(), time.time()
     with ctx.metadata.autocommit() as s:
-        row = q.claim(s, task.step_run_id, host=ctx.host, pid=pid, lease_s=lease_s, now=now)
+        row = attempts.claim(s, task.step_run_id, host=ctx.host, pid=pid, lease_s=lease_s, now=now)
         if row is None:
             row = _redelivered(s, task, ctx, policy, lease_s, now)
     if row is None:
@@ -187,7 +188,7 @@ def _redelivered(
 ) -> Any:
     """A message for a step that is not queued: take it over if its attempt's process is
     provably dead, fail it if that keeps happening, else drop the duplicate (None)."""
-    holder = q.holder(s, task.step_run_id)
+    holder = attempts.holder(s, task.step_run_id)
     decision = policy.on_redelivery(
         holder,
         host=ctx.host,
@@ -212,7 +213,7 @@ def _redelivered(
             )
         return None
     log.warning("run %s step %s: %s; taking it over", task.run_id, task.invocation_id, lost)
-    row = q.take_over(
+    row = attempts.take_over(
         s,
         task.step_run_id,
         holder.attempt,
